@@ -1,0 +1,29 @@
+"""hf-ema: exponential moving average of model weights for the Hugging Face Trainer."""
+
+__version__ = "0.1.0"
+
+from .arguments import EMAArguments  # noqa: E402
+from .checkpoint import EMAStateError  # noqa: E402
+from .core import compute_ema  # noqa: E402
+
+__all__ = [
+    "EMAArguments",
+    "EMACallback",
+    "EMAStateError",
+    "EMATrainer",
+    "__version__",
+    "compute_ema",
+]
+
+
+def __getattr__(name):
+    # The Trainer layers import transformers (slow); load them on first use so `compute_ema` stays light.
+    if name == "EMACallback":
+        from .callback import EMACallback
+
+        return EMACallback
+    if name == "EMATrainer":
+        from .trainer import EMATrainer
+
+        return EMATrainer
+    raise AttributeError(f"module 'hf_ema' has no attribute {name!r}")

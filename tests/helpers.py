@@ -1,0 +1,40 @@
+"""Builds trainers on the tiny regression model for the tests."""
+
+from __future__ import annotations
+
+import torch
+from conftest import Recorder, RegressionDataset, TinyConfig, TinyModel, make_args
+from transformers import Trainer
+
+from hf_ema import EMACallback, EMATrainer
+
+
+def build(tmp_path, ema_args, kind="ema_trainer", model=None, callbacks=(), **arg_overrides):
+    """Returns (trainer, recorder, ema_callback) for `kind` in {"ema_trainer", "callback"}."""
+    recorder = Recorder()
+    model = model if model is not None else TinyModel(TinyConfig())
+    common = dict(
+        model=model,
+        args=make_args(tmp_path, **arg_overrides),
+        train_dataset=RegressionDataset(32, seed=0),
+        eval_dataset=RegressionDataset(16, seed=1),
+    )
+    if kind == "ema_trainer":
+        trainer = EMATrainer(callbacks=[recorder, *callbacks], ema_args=ema_args, **common)
+        callback = trainer.ema_callback
+    else:
+        callback = EMACallback(ema_args)
+        trainer = Trainer(callbacks=[recorder, callback, *callbacks], **common)
+    return trainer, recorder, callback
+
+
+def eval_loss(weights: dict[str, torch.Tensor], dataset=None) -> float:
+    """Float64 mean squared error of the tiny linear model with `weights` on the eval set."""
+    dataset = dataset if dataset is not None else RegressionDataset(16, seed=1)
+    x, y = dataset.x.double(), dataset.y.double()
+    prediction = x @ weights["linear.weight"].reshape(-1) + weights["linear.bias"].reshape(())
+    return torch.mean((prediction - y) ** 2).item()
+
+
+def module_state(module) -> dict[str, torch.Tensor]:
+    return {n: t.detach().clone() for n, t in module.state_dict().items()}

@@ -1,0 +1,255 @@
+"""Which weights evaluation, prediction, save_model, checkpoints and hub pushes use."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import RegressionDataset, assert_close, reference_ema, state_of
+from helpers import build, eval_loss
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from hf_ema import EMAArguments
+
+S = 2 ** (-1 / 4)
+
+
+def ema_at(recorder, step):
+    return reference_ema(recorder.weights, 0, [(k, S) for k in range(1, step + 1)])
+
+
+def as_float64(tensors):
+    return {n: t.double() for n, t in tensors.items()}
+
+
+@pytest.mark.parametrize("kind", ["ema_trainer", "callback"])
+def test_evaluation_during_training_uses_ema(tmp_path, kind):
+    trainer, recorder, _ = build(
+        tmp_path, EMAArguments(half_life="4ba"), kind=kind, num_train_epochs=2, eval_strategy="steps", eval_steps=4
+    )
+    trainer.train()
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [4, 8, 12, 16]
+    for entry in evals:
+        expected = eval_loss(ema_at(recorder, entry["step"]))
+        training = eval_loss(recorder.weights[entry["step"]])
+        assert entry["eval_loss"] == pytest.approx(expected, rel=1e-5)
+        assert abs(expected - training) > 1e-3  # the check can tell the two sets apart
+
+
+@pytest.mark.parametrize("kind", ["ema_trainer", "callback"])
+def test_training_weights_restored_after_evaluations(tmp_path, kind):
+    from transformers import TrainerCallback
+
+    seen = {}
+
+    class LookAtStepBegin(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            seen[state.global_step] = state_of(model)
+
+    trainer, recorder, _ = build(
+        tmp_path,
+        EMAArguments(half_life="4ba"),
+        kind=kind,
+        callbacks=[LookAtStepBegin()],
+        num_train_epochs=2,
+        eval_strategy="steps",
+        eval_steps=3,
+        save_strategy="steps",
+        save_steps=5,
+    )
+    trainer.train()
+    for step in range(1, 16):  # the forward pass of every step sees the training weights, bit for bit
+        assert_close(seen[step], recorder.weights[step], rtol=0, atol=0)
+
+
+def test_evaluate_after_training_and_manual_calls(tmp_path):
+    trainer, recorder, _ = build(tmp_path, EMAArguments(half_life="4ba"), num_train_epochs=2)
+    trainer.train()
+    expected = ema_at(recorder, 16)
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(eval_loss(expected), rel=1e-5)
+    with trainer.training_weights():
+        assert trainer.evaluate()["eval_loss"] == pytest.approx(eval_loss(expected), rel=1e-5)  # EMA even inside
+        assert_close(state_of(trainer.model), recorder.weights[16], rtol=0, atol=0)
+    predictions = trainer.predict(RegressionDataset(16, seed=1)).predictions
+    x = RegressionDataset(16, seed=1).x.double()
+    reference = x @ expected["linear.weight"].reshape(-1) + expected["linear.bias"]
+    torch.testing.assert_close(torch.as_tensor(predictions).double(), reference, rtol=1e-5, atol=1e-5)
+    assert_close(state_of(trainer.training_model), recorder.weights[16], rtol=0, atol=0)
+    assert_close(state_of(trainer.ema_model), expected)
+
+
+def test_evaluate_before_training_uses_training_weights(tmp_path):
+    trainer, _, _ = build(tmp_path, EMAArguments(half_life="4ba"))
+    before = state_of(trainer.model)
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(eval_loss(before), rel=1e-5)
+
+
+def test_training_weights_back_when_compute_metrics_raises_mid_training(tmp_path):
+    def broken_metrics(eval_prediction):
+        raise RuntimeError("metric exploded")
+
+    trainer, recorder, _ = build(
+        tmp_path, EMAArguments(half_life="4ba"), num_train_epochs=2, eval_strategy="steps", eval_steps=4
+    )
+    trainer.compute_metrics = broken_metrics
+    with pytest.raises(RuntimeError, match="metric exploded"):
+        trainer.train()
+    assert_close(state_of(trainer.model), recorder.weights[4], rtol=0, atol=0)
+
+
+def test_training_weights_back_when_manual_evaluate_raises(tmp_path):
+    trainer, recorder, _ = build(tmp_path, EMAArguments(half_life="4ba"), num_train_epochs=2)
+    trainer.train()
+    trainer.compute_metrics = lambda p: 1 / 0
+    with trainer.training_weights():
+        with pytest.raises(ZeroDivisionError):
+            trainer.evaluate()
+        assert_close(state_of(trainer.model), recorder.weights[16], rtol=0, atol=0)
+    assert_close(state_of(trainer.model), ema_at(recorder, 16))  # the EMA that was in the model is back too
+
+
+def test_evaluate_both_sets_in_one_log_line(tmp_path):
+    trainer, recorder, _ = build(
+        tmp_path,
+        EMAArguments(half_life="4ba", ema_eval_training_weights=True),
+        num_train_epochs=2,
+        eval_strategy="steps",
+        eval_steps=8,
+    )
+    trainer.train()
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [8, 16]
+    for entry in evals:
+        assert entry["eval_loss"] == pytest.approx(eval_loss(ema_at(recorder, entry["step"])), rel=1e-5)
+        assert entry["eval_training_loss"] == pytest.approx(eval_loss(recorder.weights[entry["step"]]), rel=1e-5)
+
+
+def test_dict_eval_datasets(tmp_path):
+    trainer, recorder, _ = build(tmp_path, EMAArguments(half_life="4ba", ema_eval_training_weights=True))
+    trainer.eval_dataset = {"a": RegressionDataset(16, seed=1), "b": RegressionDataset(8, seed=2)}
+    trainer.train()
+    metrics = trainer.evaluate()
+    expected = ema_at(recorder, 8)
+    assert metrics["eval_a_loss"] == pytest.approx(eval_loss(expected), rel=1e-5)
+    assert metrics["eval_b_loss"] == pytest.approx(eval_loss(expected, RegressionDataset(8, seed=2)), rel=1e-5)
+    assert metrics["eval_b_training_loss"] == pytest.approx(
+        eval_loss(recorder.weights[8], RegressionDataset(8, seed=2)), rel=1e-5
+    )
+
+
+@pytest.mark.parametrize("kind", ["ema_trainer", "callback"])
+@pytest.mark.parametrize("holds", ["ema", "training"])
+def test_checkpoint_files(tmp_path, kind, holds):
+    trainer, recorder, _ = build(
+        tmp_path,
+        EMAArguments(half_life="4ba", ema_checkpoint_weights=holds),
+        kind=kind,
+        num_train_epochs=2,
+        save_strategy="steps",
+        save_steps=8,
+    )
+    trainer.train()
+    for step in (8, 16):
+        folder = tmp_path / f"checkpoint-{step}"
+        model_file = as_float64(load_file(folder / "model.safetensors"))
+        ema = ema_at(recorder, step)
+        training = recorder.weights[step]
+        assert_close(model_file, ema if holds == "ema" else training, rtol=0 if holds == "training" else 1e-6)
+        with safe_open(folder / "ema_state.safetensors", "pt") as handle:
+            meta = json.loads(handle.metadata()["hf_ema"])
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        assert meta["format_version"] == 1 and meta["global_step"] == step and meta["model_files"] == holds
+        assert_close(as_float64({k[4:]: v for k, v in tensors.items() if k.startswith("ema/")}), ema)
+        if holds == "ema":
+            training_in_file = {k[9:]: v for k, v in tensors.items() if k.startswith("training/")}
+            assert_close(as_float64(training_in_file), training, rtol=0, atol=0)
+        else:
+            assert not any(k.startswith("training/") for k in tensors)
+        assert not [f for f in os.listdir(folder) if f.endswith(".tmp")]
+
+
+def test_save_model_writes_ema(tmp_path):
+    trainer, recorder, _ = build(tmp_path, EMAArguments(half_life="4ba"))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    assert_close(as_float64(load_file(tmp_path / "final" / "model.safetensors")), ema_at(recorder, 8))
+    with trainer.training_weights():
+        trainer.save_model(str(tmp_path / "final2"))  # EMATrainer.save_model uses the EMA in any context
+    assert_close(as_float64(load_file(tmp_path / "final2" / "model.safetensors")), ema_at(recorder, 8))
+
+
+@pytest.mark.parametrize("kind", ["ema_trainer", "callback"])
+def test_stock_trainer_save_after_training_writes_ema(tmp_path, kind):
+    trainer, recorder, _ = build(tmp_path, EMAArguments(half_life="4ba"), kind=kind)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    assert_close(as_float64(load_file(tmp_path / "final" / "model.safetensors")), ema_at(recorder, 8))
+
+
+class FakeHub:
+    """Stands in for huggingface_hub.HfApi.create_repo / upload_folder and snapshots each uploaded folder."""
+
+    def __init__(self, root):
+        self.root, self.uploads = root, []
+
+    def create_repo(self, api, repo_id, *args, **kwargs):
+        from huggingface_hub import RepoUrl
+
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, api, *args, folder_path, path_in_repo=None, run_as_future=False, **kwargs):
+        snapshot = self.root / f"upload-{len(self.uploads)}"
+        shutil.copytree(folder_path, snapshot, ignore=shutil.ignore_patterns("checkpoint-*", "_*"))
+        self.uploads.append({"path_in_repo": path_in_repo, "snapshot": snapshot, **kwargs})
+        if run_as_future:
+            from concurrent.futures import Future
+
+            future = Future()
+            future.set_result(None)
+            return future
+        return None
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    hub = FakeHub(tmp_path / "hub")
+    monkeypatch.setattr(HfApi, "create_repo", lambda api, *a, **k: hub.create_repo(api, *a, **k))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda api, *a, **k: hub.upload_folder(api, *a, **k))
+    monkeypatch.setattr(HfApi, "whoami", lambda api, *a, **k: {"name": "tester"}, raising=False)
+    return hub
+
+
+def test_push_to_hub_pushes_ema_and_sidecar(tmp_path, fake_hub):
+    out = tmp_path / "out"
+    trainer, recorder, _ = build(
+        out,
+        EMAArguments(half_life="4ba"),
+        num_train_epochs=2,
+        save_strategy="steps",
+        save_steps=8,
+        push_to_hub=True,
+        hub_model_id="tester/tiny-ema",
+        hub_strategy="checkpoint",
+        hub_token="fake",
+    )
+    trainer.train()
+    checkpoint_pushes = [u for u in fake_hub.uploads if u["path_in_repo"] == "last-checkpoint"]
+    assert len(checkpoint_pushes) == 2
+    for push, step in zip(checkpoint_pushes, (8, 16), strict=True):
+        snapshot = push["snapshot"]
+        assert (snapshot / "ema_state.safetensors").is_file()  # sidecar uploaded with its checkpoint
+        assert_close(as_float64(load_file(snapshot / "model.safetensors")), ema_at(recorder, step))
+    intermediate = [u for u in fake_hub.uploads if u["path_in_repo"] is None]
+    assert_close(as_float64(load_file(intermediate[0]["snapshot"] / "model.safetensors")), ema_at(recorder, 8))
+    count = len(fake_hub.uploads)
+    trainer.push_to_hub()
+    final = fake_hub.uploads[count]["snapshot"]
+    assert_close(as_float64(load_file(final / "model.safetensors")), ema_at(recorder, 16))
+    card = (final / "README.md").read_text()
+    assert "exponential moving average (EMA)" in card and "half-life `4ba`" in card and "16 updates" in card
+    assert "hf-ema" in card.split("---")[1]  # tag in the card's metadata

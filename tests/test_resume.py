@@ -1,0 +1,178 @@
+"""Resume continues the average exactly; a checkpoint without (or with foreign) EMA state is refused."""
+
+import shutil
+
+import pytest
+import torch
+from conftest import TinyConfig, TinyModel, state_of
+from helpers import build
+from safetensors.torch import load_file, save_file
+
+from hf_ema import EMAArguments, EMACallback, EMAStateError
+
+
+def assert_identical(a, b):
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def finals(trainer, callback):
+    return state_of(callback.ema_model(trainer.model)), state_of(callback.training_model(trainer.model))
+
+
+RESUME_CASES = {
+    "interval_1": dict(half_life="4ba"),
+    "interval_3": dict(half_life="4ba", update_interval="3ba"),
+    "smoothing": dict(smoothing=0.8),
+    "late_start_after": dict(half_life="4ba", ema_start="5ba"),
+    "late_start_before": dict(half_life="4ba", ema_start="10ba"),
+    "epoch_half_life": dict(half_life="1ep", update_interval="3ba"),
+    "training_in_model_files": dict(half_life="4ba", ema_checkpoint_weights="training"),
+}
+
+
+@pytest.mark.parametrize("kind", ["ema_trainer", "callback"])
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_resume_is_bit_exact(tmp_path, kind, case):
+    ema_args = EMAArguments(**RESUME_CASES[case])
+    common = dict(num_train_epochs=2, save_strategy="steps", save_steps=8)
+    full, _, full_cb = build(tmp_path / "full", ema_args, kind=kind, **common)
+    full.train()
+    expected = finals(full, full_cb)
+
+    # The interrupted run: its checkpoint-8 is the one the full run wrote; resume in a fresh process-like trainer.
+    resumed, _, resumed_cb = build(tmp_path / "full", ema_args, kind=kind, **common)
+    shutil.rmtree(tmp_path / "full" / "checkpoint-16")
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 16
+    assert resumed_cb.num_updates == full_cb.num_updates
+    got = finals(resumed, resumed_cb)
+    assert_identical(got[0], expected[0])
+    assert_identical(got[1], expected[1])
+
+
+def test_resume_from_explicit_path_in_another_output_dir(tmp_path):
+    ema_args = EMAArguments(half_life="4ba", update_interval="3ba")
+    common = dict(num_train_epochs=2, save_strategy="steps", save_steps=8)
+    full, _, full_cb = build(tmp_path / "a", ema_args, **common)
+    full.train()
+    shutil.copytree(tmp_path / "a" / "checkpoint-8", tmp_path / "elsewhere" / "ckpt")
+    resumed, _, resumed_cb = build(tmp_path / "b", ema_args, **common)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "elsewhere" / "ckpt"))
+    assert_identical(finals(resumed, resumed_cb)[0], finals(full, full_cb)[0])
+    assert_identical(finals(resumed, resumed_cb)[1], finals(full, full_cb)[1])
+
+
+def test_stock_trainer_explicit_path_via_callback(tmp_path):
+    from transformers import Trainer
+
+    ema_args = EMAArguments(half_life="4ba")
+    common = dict(num_train_epochs=2, save_strategy="steps", save_steps=8)
+    full, _, full_cb = build(tmp_path / "a", ema_args, kind="callback", **common)
+    full.train()
+    shutil.copytree(tmp_path / "a" / "checkpoint-8", tmp_path / "elsewhere")
+
+    stock, _, _ = build(tmp_path / "b", ema_args, kind="callback", **common)
+    with pytest.raises(EMAStateError, match="resume_from_checkpoint=path"):
+        stock.train(resume_from_checkpoint=str(tmp_path / "elsewhere"))
+
+    callback = EMACallback(ema_args, resume_from_checkpoint=str(tmp_path / "elsewhere"))
+    base, _, _ = build(tmp_path / "c", ema_args, kind="callback", **common)
+    trainer = Trainer(
+        model=TinyModel(TinyConfig()),
+        args=base.args,
+        train_dataset=base.train_dataset,
+        eval_dataset=base.eval_dataset,
+        callbacks=[callback],
+    )
+    trainer.train(resume_from_checkpoint=str(tmp_path / "elsewhere"))
+    assert_identical(finals(trainer, callback)[0], finals(full, full_cb)[0])
+
+
+def test_gradient_accumulation_resume(tmp_path):
+    ema_args = EMAArguments(half_life="4ba", update_interval="3ba")
+    common = dict(num_train_epochs=2, save_strategy="steps", save_steps=4, gradient_accumulation_steps=2)
+    full, _, full_cb = build(tmp_path, ema_args, **common)
+    full.train()
+    resumed, _, resumed_cb = build(tmp_path, ema_args, **common)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert_identical(finals(resumed, resumed_cb)[0], finals(full, full_cb)[0])
+
+
+@pytest.mark.parametrize("kind", ["ema_trainer", "callback"])
+def test_checkpoint_without_sidecar_is_refused(tmp_path, kind):
+    ema_args = EMAArguments(half_life="4ba")
+    full, _, _ = build(tmp_path, ema_args, kind=kind, num_train_epochs=2, save_strategy="steps", save_steps=8)
+    full.train()
+    (tmp_path / "checkpoint-8" / "ema_state.safetensors").unlink()
+    resumed, _, _ = build(tmp_path, ema_args, kind=kind, num_train_epochs=2)
+    with pytest.raises(EMAStateError, match=r"checkpoint-8 has no ema_state.safetensors.*ema_resume_without_state"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-8"))
+    assert resumed.state.global_step == 8  # refused at train begin, before any step
+
+
+def test_restart_without_sidecar_on_purpose(tmp_path):
+    full, _, _ = build(
+        tmp_path, EMAArguments(half_life="4ba"), num_train_epochs=2, save_strategy="steps", save_steps=8
+    )
+    full.train()
+    (tmp_path / "checkpoint-8" / "ema_state.safetensors").unlink()
+    resumed, recorder, callback = build(
+        tmp_path, EMAArguments(half_life="4ba", ema_resume_without_state="restart"), num_train_epochs=2
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-8"))
+    assert callback.num_updates == 8  # a fresh average from step 8's loaded weights
+    from conftest import reference_ema
+
+    expected = reference_ema(recorder.weights, 8, [(k, 2 ** (-1 / 4)) for k in range(9, 17)])
+    got = state_of(resumed.model)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-7)
+
+
+def test_foreign_and_corrupt_sidecars_are_refused(tmp_path):
+    ema_args = EMAArguments(half_life="4ba")
+    full, _, _ = build(tmp_path, ema_args, num_train_epochs=2, save_strategy="steps", save_steps=8)
+    full.train()
+    sidecar = tmp_path / "checkpoint-8" / "ema_state.safetensors"
+    original = sidecar.read_bytes()
+
+    tensors = load_file(sidecar)
+    from safetensors import safe_open
+
+    with safe_open(sidecar, "pt") as handle:
+        metadata = handle.metadata()
+    tensors["ema/linear.bias"] = torch.zeros(2)
+    import json
+
+    meta = json.loads(metadata["hf_ema"])
+    meta["fingerprint"]["linear.bias"] = [[2], "float32"]
+    meta["fingerprint"]["extra.weight"] = [[1], "float32"]
+    save_file(tensors, sidecar, metadata={"hf_ema": json.dumps(meta)})
+    resumed, _, _ = build(tmp_path, ema_args, num_train_epochs=2)
+    with pytest.raises(EMAStateError, match=r"another model.*not in the model: extra.weight.*linear.bias"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-8"))
+
+    sidecar.write_bytes(original[: len(original) // 2])
+    resumed, _, _ = build(tmp_path, ema_args, num_train_epochs=2)
+    with pytest.raises(EMAStateError, match="corrupt or truncated"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-8"))
+
+    meta["format_version"] = 99
+    save_file(
+        load_file(tmp_path / "checkpoint-16" / "ema_state.safetensors"), sidecar, metadata={"hf_ema": json.dumps(meta)}
+    )
+    resumed, _, _ = build(tmp_path, ema_args, num_train_epochs=2)
+    with pytest.raises(EMAStateError, match="format version 99.*Upgrade hf-ema"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-8"))
+
+
+def test_train_twice_continues_from_training_weights(tmp_path):
+    trainer, recorder, callback = build(tmp_path, EMAArguments(half_life="4ba"))
+    trainer.train()
+    training_after_first = recorder.weights[8]
+    recorder.weights.clear()
+    trainer.train()
+    # The second run started from the training weights of the first, not from the EMA left in the model.
+    assert_identical(recorder.weights[0], training_after_first)
