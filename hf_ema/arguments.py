@@ -46,6 +46,10 @@ class EMAArguments:
         ema_resume_without_state (`str`, *optional*, defaults to `"error"`):
             What resuming from a checkpoint that has no EMA state does: `"error"` refuses, `"restart"` starts a
             fresh average from the loaded weights (on purpose, with a warning).
+        ema_skip_non_finite (`bool`, *optional*, defaults to `False`):
+            Check the training weights before each update and skip the update (with a warning) when any is NaN or
+            infinite. Costs one host synchronisation per update. Without it, a non-finite average is refused with an
+            error when a checkpoint is written or training ends, never saved silently.
 
     Example:
 
@@ -103,6 +107,14 @@ class EMAArguments:
         },
     )
 
+    ema_skip_non_finite: bool = field(
+        default=False,
+        metadata={
+            "help": "Skip (with a warning) updates whose training weights hold NaN or Inf; costs one host sync per "
+            "update. Without it a non-finite average raises when a checkpoint is written or training ends."
+        },
+    )
+
     def __post_init__(self) -> None:
         # Normalise: HfArgumentParser hands strings; an empty string means "not given" only for optional fields.
         if isinstance(self.smoothing, str):
@@ -140,10 +152,9 @@ class EMAArguments:
         _check_choice("ema_dtype", self.ema_dtype, EMA_DTYPES)
         _check_choice("ema_checkpoint_weights", self.ema_checkpoint_weights, CHECKPOINT_WEIGHTS)
         _check_choice("ema_resume_without_state", self.ema_resume_without_state, RESUME_WITHOUT_STATE)
-        if not isinstance(self.ema_eval_training_weights, bool):
-            raise TypeError(
-                f"`ema_eval_training_weights` must be True or False, got {self.ema_eval_training_weights!r}."
-            )
+        for name in ("ema_eval_training_weights", "ema_skip_non_finite"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
 
     @property
     def half_life_time(self) -> Time | None:

@@ -158,6 +158,7 @@ class EMACallback(TrainerCallback):
         """
         if self._sidecar_step == state.global_step or not args.should_save:
             return None
+        self._check_finite(state, f"The checkpoint in {checkpoint_dir} was not given EMA state")
         holds_ema = self.started and self.ema_args.ema_checkpoint_weights == "ema"
         meta = {
             "hf_ema_version": __version__,
@@ -240,6 +241,7 @@ class EMACallback(TrainerCallback):
         else:
             self._close_window()
         if self.started:
+            self._check_finite(state, "The EMA weights were not put into the model; it holds the training weights")
             self.store.swap_in(model)  # what the user does next (save, push, evaluate) uses the EMA
 
     # ---- internals ----
@@ -291,11 +293,35 @@ class EMACallback(TrainerCallback):
             )
 
     def _advance(self, args: TrainingArguments, state: TrainerState) -> None:
+        before = self.schedule.state_dict()
         action = self.schedule.step(self._clock(args, state), state.global_step)
+        if isinstance(action, float) and self.ema_args.ema_skip_non_finite:
+            bad = self.store.non_finite_training(self.model)
+            if bad is not None:
+                self.schedule.load_state_dict(before)  # the next update spans this step's time too
+                logger.warning(
+                    "Step %d: training tensor %r holds NaN or Inf; the EMA update is skipped (ema_skip_non_finite).",
+                    state.global_step,
+                    bad,
+                )
+                return
         if action == START:
             self.store = ShadowStore(self.model, self.ema_args.ema_dtype)
         elif action is not None:
             self.store.update_(self.model, action)
+
+    def _check_finite(self, state: TrainerState, consequence: str) -> None:
+        if not self.started:
+            return
+        bad = self.store.non_finite_ema(self.model)
+        if bad is None:
+            return
+        raise FloatingPointError(
+            f"The EMA average of {bad!r} holds NaN or Inf at step {state.global_step}: the training weights became "
+            f"non-finite (a diverged step) and were averaged in. {consequence}. Resume from the last checkpoint "
+            "written before this, and set EMAArguments(ema_skip_non_finite=True) to skip updates from non-finite "
+            "weights (or fix the instability: lower the learning rate, clip gradients)."
+        )
 
     def _checkpoint_wants_ema(self) -> bool:
         return self.ema_args.ema_checkpoint_weights == "ema"
@@ -333,50 +359,50 @@ class EMACallback(TrainerCallback):
     def _resume(self, args: TrainingArguments, state: TrainerState, model: nn.Module) -> None:
         folder = self._checkpoint_folder(args, state)
         if not os.path.isfile(sidecar_path(folder)):
-            where = (
-                f"{folder} has no {SIDECAR_NAME}"
-                if os.path.isdir(folder)
-                else f"cannot find the checkpoint folder (looked for {folder})"
-            )
+            if not os.path.isdir(folder):
+                problem = (
+                    f"Resuming at step {state.global_step}, but the checkpoint folder {folder} does not exist, so its "
+                    "EMA state cannot be read (a stock Trainer does not tell callbacks which folder it resumes from)."
+                )
+                way_out = (
+                    "Pass the folder as EMACallback(..., resume_from_checkpoint=path), or use EMATrainer, which "
+                    "passes it itself."
+                )
+            else:
+                problem = (
+                    f"Resuming at step {state.global_step}, but {folder} has no {SIDECAR_NAME}: the checkpoint was "
+                    "saved without EMA (or its save was interrupted). Its model files may hold EMA weights, so "
+                    "training cannot safely continue from them."
+                )
+                way_out = "Resume from a checkpoint written with EMA."
             if self.ema_args.ema_resume_without_state == "restart":
                 logger.warning(
-                    "Resuming at step %d, but %s. Starting a fresh EMA from the loaded weights, as "
-                    "ema_resume_without_state='restart' asks.",
-                    state.global_step,
-                    where,
+                    "%s Starting a fresh EMA from the loaded weights (ema_resume_without_state='restart').", problem
                 )
                 if self.schedule.starts_at_zero:
                     self._start(args, state)
                 return
-            hint = (
-                " If you resume from a checkpoint outside output_dir with a stock Trainer, pass its path as "
-                "EMACallback(..., resume_from_checkpoint=path), or use EMATrainer."
-                if not os.path.isdir(folder)
-                else ""
-            )
             raise EMAStateError(
-                f"Resuming at step {state.global_step}, but {where}; the checkpoint was saved without EMA (or the "
-                "save was interrupted). Its model files may hold EMA weights, so training cannot safely continue "
-                "from them. Resume from a checkpoint written with EMA, or set "
-                "EMAArguments(ema_resume_without_state='restart') to start a fresh average from the loaded "
-                f"weights on purpose.{hint}"
+                f"{problem} {way_out} Or set EMAArguments(ema_resume_without_state='restart') to start a fresh "
+                "average from the loaded weights on purpose."
             )
-        self._load_state(folder, model, expected_step=state.global_step)
+        try:
+            self._load_state(folder, model, expected_step=state.global_step)
+        except EMAStateError as error:
+            raise EMAStateError(
+                f"{error} Resume from another checkpoint (or with the model and EMA settings it was trained with), or "
+                "delete the file and set EMAArguments(ema_resume_without_state='restart') to start a fresh average "
+                "on purpose."
+            ) from error
 
     def _load_state(self, folder: str, model: nn.Module, expected_step: int | None) -> None:
         path = sidecar_path(folder)
-        try:
-            sidecar = load_sidecar(folder)
-        except EMAStateError as error:
-            raise EMAStateError(
-                f"{error} Resume from another checkpoint, or set EMAArguments(ema_resume_without_state='restart') "
-                "after deleting the file to start a fresh average on purpose."
-            ) from error
+        sidecar = load_sidecar(folder)
         meta = sidecar.meta
         if expected_step is not None and meta.get("global_step") != expected_step:
             raise EMAStateError(
                 f"{path} was written at step {meta.get('global_step')}, but the checkpoint resumes at step "
-                f"{expected_step}; it belongs to another checkpoint. Resume from an intact checkpoint folder."
+                f"{expected_step}; it belongs to another checkpoint."
             )
         if meta.get("ema_args") != self.ema_args.to_dict():
             logger.warning(
@@ -386,16 +412,17 @@ class EMACallback(TrainerCallback):
                 self.ema_args.to_dict(),
                 meta.get("ema_args"),
             )
-        self.schedule.load_state_dict(meta["schedule"])
-        if not self.schedule.started:
-            self.store = None
+        schedule = self._new_schedule()
+        schedule.load_state_dict(meta["schedule"])
+        if not schedule.started:
+            self.schedule, self.store = schedule, None
             return
         store = ShadowStore(model, self.ema_args.ema_dtype)
         check_fingerprint(path, store.fingerprint(), meta["fingerprint"])
         if meta["model_files"] == "ema" and sidecar.training is None:
             raise EMAStateError(f"{path} says the model files hold EMA weights but has no training weights.")
         store.load_state_(model, sidecar.ema, sidecar.training if meta["model_files"] == "ema" else None)
-        self.store = store
+        self.schedule, self.store = schedule, store
 
     def _load_best(self, args: TrainingArguments, state: TrainerState, model: nn.Module) -> None:
         folder = state.best_model_checkpoint

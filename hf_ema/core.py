@@ -15,6 +15,7 @@ __all__ = [
     "compute_ema",
     "ema_update_",
     "exchange_",
+    "first_non_finite",
     "smoothing_from_half_life",
     "tracked_tensors",
 ]
@@ -74,6 +75,23 @@ def exchange_(first: Sequence[Tensor], second: Sequence[Tensor]) -> None:
         a.copy_(b)
         b.copy_(temp)
         del temp
+
+
+@torch.no_grad()
+def first_non_finite(names: Sequence[str], tensors: Sequence[Tensor]) -> str | None:
+    """The name of the first tensor holding a NaN or an infinity, or None. One host synchronisation in all."""
+    if not tensors:
+        return None
+    flags = []
+    for (_device, _dtype), (group,) in _groups(tensors).items():
+        # The infinity norm of a tensor is finite exactly when every element is: one fused reduction per group.
+        flags += [torch.isfinite(n) for n in torch._foreach_norm(group, float("inf"))]
+    if bool(torch.stack([f.to(flags[0].device) for f in flags]).all()):
+        return None
+    for name, tensor in zip(names, tensors, strict=True):
+        if not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
 
 
 def tracked_tensors(module: nn.Module) -> Iterator[tuple[str, Tensor, str]]:

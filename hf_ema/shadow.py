@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .core import ema_update_, exchange_, tracked_tensors
+from .core import ema_update_, exchange_, first_non_finite, tracked_tensors
 
 SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 
@@ -90,6 +90,16 @@ class ShadowStore:
         live = self._live(module)
         for name, shadow in self.shadow.items():
             shadow.copy_(live[name])
+
+    def non_finite_training(self, module: nn.Module) -> str | None:
+        """Name of the first training tensor with a NaN or Inf (one host sync), or None."""
+        live = self.training_tensors(module)
+        return first_non_finite(list(live), list(live.values()))
+
+    def non_finite_ema(self, module: nn.Module) -> str | None:
+        """Name of the first average with a NaN or Inf (one host sync), or None."""
+        ema = self.ema_tensors(module)
+        return first_non_finite(list(ema), list(ema.values()))
 
     # ---- swapping ----
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import Recorder, RegressionDataset, TinyConfig, TinyModel, make_args
+from conftest import Recorder, RegressionDataset, TinyConfig, TinyModel, make_args, reference_ema
 from transformers import Trainer
 
 from hf_ema import EMACallback, EMATrainer
@@ -38,3 +38,8 @@ def eval_loss(weights: dict[str, torch.Tensor], dataset=None) -> float:
 
 def module_state(module) -> dict[str, torch.Tensor]:
     return {n: t.detach().clone() for n, t in module.state_dict().items()}
+
+
+def ema_at(recorder, step: int, start: int = 0, smoothing: float = 2 ** (-1 / 4)):
+    """Float64 reference EMA at `step` for a half-life of 4ba updated every step from `start`."""
+    return reference_ema(recorder.weights, start, [(k, smoothing) for k in range(start + 1, step + 1)])

@@ -6,18 +6,12 @@ import shutil
 
 import pytest
 import torch
-from conftest import RegressionDataset, assert_close, reference_ema, state_of
-from helpers import build, eval_loss
+from conftest import RegressionDataset, assert_close, state_of
+from helpers import build, ema_at, eval_loss
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from hf_ema import EMAArguments
-
-S = 2 ** (-1 / 4)
-
-
-def ema_at(recorder, step):
-    return reference_ema(recorder.weights, 0, [(k, S) for k in range(1, step + 1)])
 
 
 def as_float64(tensors):

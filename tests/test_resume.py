@@ -29,23 +29,39 @@ RESUME_CASES = {
     "late_start_before": dict(half_life="4ba", ema_start="10ba"),
     "epoch_half_life": dict(half_life="1ep", update_interval="3ba"),
     "training_in_model_files": dict(half_life="4ba", ema_checkpoint_weights="training"),
+    "dur_half_life": dict(half_life="0.2dur"),
+    "dur_start": dict(half_life="4ba", ema_start="0.4dur", update_interval="2ba"),
 }
+EXTRA_ARGS = {"gradient_accumulation": {"gradient_accumulation_steps": 2, "save_steps": 4}}
+RESUME_CASES["gradient_accumulation"] = dict(half_life="4ba", update_interval="3ba")
+RESUME_CASES["save_only_model"] = dict(half_life="4ba")
+EXTRA_ARGS["save_only_model"] = {"save_only_model": True}
+RESUME_CASES["bf16_float32_average"] = dict(smoothing=0.9)
 
 
 @pytest.mark.parametrize("kind", ["ema_trainer", "callback"])
 @pytest.mark.parametrize("case", list(RESUME_CASES))
 def test_resume_is_bit_exact(tmp_path, kind, case):
     ema_args = EMAArguments(**RESUME_CASES[case])
-    common = dict(num_train_epochs=2, save_strategy="steps", save_steps=8)
-    full, _, full_cb = build(tmp_path / "full", ema_args, kind=kind, **common)
+    common = {"num_train_epochs": 2, "save_strategy": "steps", "save_steps": 8, **EXTRA_ARGS.get(case, {})}
+
+    def model():
+        tiny = TinyModel(TinyConfig())
+        return tiny.to(torch.bfloat16) if case.startswith("bf16") else tiny
+
+    full, _, full_cb = build(tmp_path / "full", ema_args, kind=kind, model=model(), **common)
     full.train()
     expected = finals(full, full_cb)
+    if case.startswith("bf16"):
+        assert {t.dtype for t in full_cb.store.shadow.values()} == {torch.float32}
 
-    # The interrupted run: its checkpoint-8 is the one the full run wrote; resume in a fresh process-like trainer.
-    resumed, _, resumed_cb = build(tmp_path / "full", ema_args, kind=kind, **common)
-    shutil.rmtree(tmp_path / "full" / "checkpoint-16")
+    # The interrupted run: resume from the full run's middle checkpoint in a fresh trainer.
+    resumed, _, resumed_cb = build(tmp_path / "full", ema_args, kind=kind, model=model(), **common)
+    last = full.state.global_step
+    for later in range(common["save_steps"] * 2, last + 1, common["save_steps"]):
+        shutil.rmtree(tmp_path / "full" / f"checkpoint-{later}")
     resumed.train(resume_from_checkpoint=True)
-    assert resumed.state.global_step == 16
+    assert resumed.state.global_step == last
     assert resumed_cb.num_updates == full_cb.num_updates
     got = finals(resumed, resumed_cb)
     assert_identical(got[0], expected[0])
@@ -88,16 +104,6 @@ def test_stock_trainer_explicit_path_via_callback(tmp_path):
     )
     trainer.train(resume_from_checkpoint=str(tmp_path / "elsewhere"))
     assert_identical(finals(trainer, callback)[0], finals(full, full_cb)[0])
-
-
-def test_gradient_accumulation_resume(tmp_path):
-    ema_args = EMAArguments(half_life="4ba", update_interval="3ba")
-    common = dict(num_train_epochs=2, save_strategy="steps", save_steps=4, gradient_accumulation_steps=2)
-    full, _, full_cb = build(tmp_path, ema_args, **common)
-    full.train()
-    resumed, _, resumed_cb = build(tmp_path, ema_args, **common)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
-    assert_identical(finals(resumed, resumed_cb)[0], finals(full, full_cb)[0])
 
 
 @pytest.mark.parametrize("kind", ["ema_trainer", "callback"])

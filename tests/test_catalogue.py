@@ -1,0 +1,319 @@
+"""The bad-input catalogue: arguments, train-time settings, checkpoint states and model changes.
+
+Each row triggers one bad input and names the exception type and the words its message must hold (the field or the
+file, and the way out). docs/troubleshooting.md lists the same cases.
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import RegressionDataset, TinyConfig, TinyModel
+from helpers import build
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback
+
+from hf_ema import EMAArguments, EMACallback, EMAStateError, EMATrainer, compute_ema
+
+SIDECAR = "ema_state.safetensors"
+
+
+def args_case(**kwargs):
+    return lambda tmp_path: EMAArguments(**kwargs)
+
+
+def trained_checkpoint(tmp_path, **ema_kwargs):
+    """A finished run with checkpoint-8 and checkpoint-16; returns the path of checkpoint-8's sidecar."""
+    trainer, _, _ = build(
+        tmp_path, EMAArguments(half_life="4ba", **ema_kwargs), num_train_epochs=2, save_strategy="steps", save_steps=8
+    )
+    trainer.train()
+    return tmp_path / "checkpoint-8" / SIDECAR
+
+
+def resume(tmp_path, kind="ema_trainer", path=None, **ema_kwargs):
+    trainer, _, _ = build(tmp_path, EMAArguments(half_life="4ba", **ema_kwargs), kind=kind, num_train_epochs=2)
+    trainer.train(resume_from_checkpoint=str(path or tmp_path / "checkpoint-8"))
+
+
+def rewrite_sidecar(path, edit_meta=None, edit_tensors=None):
+    with safe_open(path, "pt") as handle:
+        meta = json.loads(handle.metadata()["hf_ema"])
+    tensors = load_file(path)
+    if edit_meta:
+        edit_meta(meta)
+    if edit_tensors:
+        edit_tensors(tensors)
+    save_file(tensors, path, metadata={"hf_ema": json.dumps(meta)})
+
+
+def missing_sidecar(tmp_path):
+    trained_checkpoint(tmp_path).unlink()
+    resume(tmp_path)
+
+
+def empty_sidecar(tmp_path):
+    trained_checkpoint(tmp_path).write_bytes(b"")
+    resume(tmp_path)
+
+
+def truncated_sidecar(tmp_path):
+    path = trained_checkpoint(tmp_path)
+    path.write_bytes(path.read_bytes()[:-7])
+    resume(tmp_path)
+
+
+def garbage_sidecar(tmp_path):
+    trained_checkpoint(tmp_path).write_bytes(b"\x00not a safetensors file" * 10)
+    resume(tmp_path)
+
+
+def foreign_safetensors(tmp_path):
+    path = trained_checkpoint(tmp_path)
+    save_file({"x": torch.zeros(1)}, path)
+    resume(tmp_path)
+
+
+def newer_version(tmp_path):
+    rewrite_sidecar(trained_checkpoint(tmp_path), edit_meta=lambda m: m.update(format_version=2))
+    resume(tmp_path)
+
+
+def foreign_names(tmp_path):
+    def edit(meta):
+        meta["fingerprint"]["encoder.weight"] = meta["fingerprint"].pop("linear.weight")
+
+    rewrite_sidecar(trained_checkpoint(tmp_path), edit_meta=edit)
+    resume(tmp_path)
+
+
+def shape_mismatch(tmp_path):
+    rewrite_sidecar(
+        trained_checkpoint(tmp_path), edit_meta=lambda m: m["fingerprint"].update({"linear.bias": [[2], "float32"]})
+    )
+    resume(tmp_path)
+
+
+def dtype_change(tmp_path):
+    trainer, _, _ = build(
+        tmp_path,
+        EMAArguments(half_life="4ba"),
+        model=TinyModel(TinyConfig()).to(torch.bfloat16),
+        num_train_epochs=2,
+        save_strategy="steps",
+        save_steps=8,
+    )
+    trainer.train()
+    resumed, _, _ = build(
+        tmp_path,
+        EMAArguments(half_life="4ba", ema_dtype="same"),
+        model=TinyModel(TinyConfig()).to(torch.bfloat16),
+        num_train_epochs=2,
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-8"))
+
+
+def sidecar_of_another_step(tmp_path):
+    path = trained_checkpoint(tmp_path)
+    shutil.copy(tmp_path / "checkpoint-16" / SIDECAR, path)
+    resume(tmp_path)
+
+
+def training_weights_missing(tmp_path):
+    def drop(tensors):
+        for key in [k for k in tensors if k.startswith("training/")]:
+            del tensors[key]
+
+    rewrite_sidecar(trained_checkpoint(tmp_path), edit_tensors=drop)
+    resume(tmp_path)
+
+
+def stock_trainer_outside_output_dir(tmp_path):
+    trained_checkpoint(tmp_path / "a")
+    shutil.copytree(tmp_path / "a" / "checkpoint-8", tmp_path / "moved")
+    resume(tmp_path / "b", kind="callback", path=tmp_path / "moved")
+
+
+class AtStep(TrainerCallback):
+    def __init__(self, step, action):
+        self.step, self.action = step, action
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            self.action(model)
+
+
+def change_model_mid_training(action, model=None):
+    def run(tmp_path):
+        trainer, _, _ = build(tmp_path, EMAArguments(half_life="4ba"), model=model, callbacks=[AtStep(3, action)])
+        trainer.train()
+
+    return run
+
+
+def frozen_bias_model():
+    model = TinyModel(TinyConfig())
+    model.linear.bias.requires_grad_(False)
+    return model
+
+
+def resize_embeddings(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=16,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    tokens = torch.randint(0, 32, (16, 8))
+    data = [{"input_ids": t, "labels": t} for t in tokens]
+    trainer = EMATrainer(
+        model=model,
+        args=build(tmp_path, None)[0].args,
+        train_dataset=data,
+        callbacks=[AtStep(2, lambda m: m.resize_token_embeddings(40))],
+        ema_args=EMAArguments(half_life="4ba"),
+    )
+    trainer.train()
+
+
+def non_finite_at_save(tmp_path):
+    class Poison(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 3:
+                with torch.no_grad():
+                    model.linear.weight.fill_(float("inf"))
+
+    trainer, _, _ = build(tmp_path, EMAArguments(half_life="4ba"), save_strategy="steps", save_steps=4)
+    trainer.callback_handler.callbacks.insert(0, Poison())
+    trainer.train()
+
+
+def tokens_without_counting(tmp_path):
+    build(tmp_path, EMAArguments(half_life="100tok"))[0].train()
+
+
+def epochs_without_length(tmp_path):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            data = RegressionDataset(32)
+            return iter(data[i] for i in range(len(data)))
+
+    trainer, _, _ = build(tmp_path, EMAArguments(ema_start="1ep"), max_steps=4)
+    trainer.train_dataset = Stream()
+    trainer.train()
+
+
+def callback_with_string(tmp_path):
+    EMACallback("1000ba")
+
+
+def trainer_with_both(tmp_path):
+    EMATrainer(
+        model=TinyModel(TinyConfig()),
+        args=build(tmp_path, None)[0].args,
+        callbacks=[EMACallback()],
+        ema_args=EMAArguments(),
+    )
+
+
+def compute_ema_mismatch(tmp_path):
+    compute_ema(TinyModel(TinyConfig()), torch.nn.Linear(3, 1), 0.9)
+
+
+CATALOGUE = [
+    # arguments: fail at EMAArguments(...)
+    ("half_life without unit", args_case(half_life="1000"), ValueError, ["`half_life`", "'1000'", "1000ba"]),
+    ("half_life not a time", args_case(half_life="abc"), ValueError, ["`half_life`", "'abc'"]),
+    ("half_life unknown unit", args_case(half_life="10xx"), ValueError, ["`half_life`", "units"]),
+    ("half_life empty", args_case(half_life=""), ValueError, ["`half_life`"]),
+    ("half_life nan", args_case(half_life="nanba"), ValueError, ["`half_life`", "'nanba'"]),
+    ("half_life inf", args_case(half_life="infba"), ValueError, ["`half_life`", "'infba'"]),
+    ("half_life zero", args_case(half_life="0ba"), ValueError, ["`half_life`", "positive"]),
+    ("half_life fraction of steps", args_case(half_life="2.5ba"), ValueError, ["`half_life`", "whole number"]),
+    ("half_life int", args_case(half_life=1000), TypeError, ["`half_life`", "string"]),
+    ("smoothing 1", args_case(smoothing=1.0), ValueError, ["`smoothing`", "(0, 1)"]),
+    ("smoothing nan", args_case(smoothing=float("nan")), ValueError, ["`smoothing`"]),
+    ("smoothing bool", args_case(smoothing=True), TypeError, ["`smoothing`"]),
+    (
+        "half_life and smoothing",
+        args_case(half_life="10ba", smoothing=0.9),
+        ValueError,
+        ["`half_life`", "`smoothing`"],
+    ),
+    ("update_interval zero", args_case(update_interval="0ba"), ValueError, ["`update_interval`", "positive"]),
+    ("ema_start negative", args_case(ema_start="-1ba"), ValueError, ["`ema_start`", "negative"]),
+    ("ema_start past the run", args_case(ema_start="1.5dur"), ValueError, ["`ema_start`", "[0, 1]"]),
+    ("ema_dtype unknown", args_case(ema_dtype="float16"), ValueError, ["`ema_dtype`", "'float16'", "'auto'"]),
+    ("checkpoint weights unknown", args_case(ema_checkpoint_weights="both"), ValueError, ["`ema_checkpoint_weights`"]),
+    ("callback given a string", callback_with_string, TypeError, ["EMAArguments"]),
+    ("trainer given settings twice", trainer_with_both, ValueError, ["`ema_args`", "EMACallback"]),
+    ("compute_ema mismatched models", compute_ema_mismatch, KeyError, ["no tensor named", "deepcopy"]),
+    # train-time settings: fail in on_train_begin, before the first optimizer step
+    ("tok unit without counting", tokens_without_counting, ValueError, ["'tok'", "include_num_input_tokens_seen"]),
+    ("ep unit on an IterableDataset", epochs_without_length, ValueError, ["'ep' unit", "'ba'"]),
+    # checkpoint states: fail at resume, naming the file
+    ("sidecar missing", missing_sidecar, EMAStateError, ["checkpoint-8 has no ema_state.safetensors", "restart"]),
+    ("sidecar empty", empty_sidecar, EMAStateError, [SIDECAR, "corrupt or truncated"]),
+    ("sidecar truncated", truncated_sidecar, EMAStateError, [SIDECAR, "corrupt or truncated"]),
+    ("sidecar garbage", garbage_sidecar, EMAStateError, [SIDECAR, "corrupt or truncated"]),
+    ("sidecar not from hf-ema", foreign_safetensors, EMAStateError, [SIDECAR, "not written by hf-ema"]),
+    ("sidecar newer format", newer_version, EMAStateError, [SIDECAR, "format version 2", "Upgrade"]),
+    ("sidecar of another model", foreign_names, EMAStateError, [SIDECAR, "another model", "encoder.weight"]),
+    ("sidecar shape differs", shape_mismatch, EMAStateError, [SIDECAR, "shape or dtype differs", "linear.bias"]),
+    ("ema_dtype changed since", dtype_change, EMAStateError, [SIDECAR, "float32", "bfloat16"]),
+    ("sidecar of another step", sidecar_of_another_step, EMAStateError, [SIDECAR, "written at step 16"]),
+    ("sidecar lacks training weights", training_weights_missing, EMAStateError, [SIDECAR, "no training weights"]),
+    (
+        "stock Trainer, checkpoint elsewhere",
+        stock_trainer_outside_output_dir,
+        EMAStateError,
+        ["does not exist", "resume_from_checkpoint=path"],
+    ),
+    # model changes after the average exists
+    (
+        "parameter unfrozen mid-run",
+        change_model_mid_training(lambda m: m.linear.bias.requires_grad_(True), frozen_bias_model()),
+        RuntimeError,
+        ["newly trainable: linear.bias"],
+    ),
+    (
+        "parameter frozen mid-run",
+        change_model_mid_training(lambda m: m.linear.bias.requires_grad_(False)),
+        RuntimeError,
+        ["no longer trainable or gone: linear.bias"],
+    ),
+    (
+        "resize_token_embeddings mid-run",
+        resize_embeddings,
+        RuntimeError,
+        ["reshaped: model.embed_tokens.weight", "before training starts"],
+    ),
+    (
+        "non-finite weights at a checkpoint",
+        non_finite_at_save,
+        FloatingPointError,
+        ["'linear.weight'", "ema_skip_non_finite"],
+    ),
+]
+
+
+@pytest.mark.parametrize("trigger, error, words", [c[1:] for c in CATALOGUE], ids=[c[0] for c in CATALOGUE])
+def test_bad_input_catalogue(tmp_path, trigger, error, words):
+    with pytest.raises(error) as info:
+        trigger(tmp_path)
+    message = str(info.value.args[0]) if error is KeyError else str(info.value)
+    for word in words:
+        assert word in message, (word, message)
+
+
+def test_catalogue_size():
+    assert len(CATALOGUE) >= 30

@@ -1,0 +1,258 @@
+"""Failure safety: best-model loading, faults mid-training, unusual call sequences, non-finite weights."""
+
+import logging
+import os
+
+import pytest
+import torch
+from conftest import Recorder, RegressionDataset, TinyConfig, TinyModel, assert_close, state_of
+from helpers import build, ema_at, eval_loss
+from transformers import TrainerCallback
+
+from hf_ema import EMAArguments, EMATrainer
+
+
+class ShiftedEval(RegressionDataset):
+    """Eval targets from weights between the start and the optimum, so the best checkpoint is not the last."""
+
+    def __init__(self):
+        super().__init__(16, seed=1)
+        self.y = self.x @ torch.tensor([0.7, -0.35, 0.95]) + 0.12
+
+
+@pytest.mark.parametrize("kind", ["ema_trainer", "callback"])
+def test_load_best_model_at_end_restores_best_ema_and_training(tmp_path, kind):
+    trainer, recorder, callback = build(
+        tmp_path,
+        EMAArguments(half_life="4ba"),
+        kind=kind,
+        num_train_epochs=2,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+    )
+    trainer.eval_dataset = ShiftedEval()
+    trainer.train()
+    evals = {h["step"]: h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h}
+    best_step = min(evals, key=evals.get)
+    assert 2 < best_step < 16  # the test can tell "best" from "last"
+    # Chosen by the EMA's metric: the EMA's loss at each step, not the training weights'.
+    for step, loss in evals.items():
+        assert loss == pytest.approx(eval_loss(ema_at(recorder, step), ShiftedEval()), rel=1e-5)
+    assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best_step}")
+    assert_close(state_of(trainer.model), ema_at(recorder, best_step))
+    assert_close(state_of(callback.training_model(trainer.model)), recorder.weights[best_step], rtol=0, atol=0)
+    # Rotation kept each remaining checkpoint's sidecar with it.
+    left = sorted(d for d in os.listdir(tmp_path) if d.startswith("checkpoint-"))
+    assert f"checkpoint-{best_step}" in left and len(left) <= 2
+    assert all(os.path.isfile(tmp_path / d / "ema_state.safetensors") for d in left)
+
+
+class RaiseAt(TrainerCallback):
+    def __init__(self, hook, step, error):
+        self.hook, self.step, self.error = hook, step, error
+
+    def __getattribute__(self, name):
+        hook = object.__getattribute__(self, "hook")
+        if name == hook:
+
+            def raise_at(args, state, control, **kwargs):
+                if state.global_step == object.__getattribute__(self, "step"):
+                    raise object.__getattribute__(self, "error")
+
+            return raise_at
+        return object.__getattribute__(self, name)
+
+
+FAULTS = {
+    "user_callback_on_evaluate": ("on_evaluate", RuntimeError("user callback broke")),
+    "user_callback_on_save": ("on_save", RuntimeError("user callback broke")),
+    "keyboard_interrupt_in_on_log": ("on_log", KeyboardInterrupt()),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_faults_mid_window_leave_training_weights(tmp_path, fault):
+    hook, error = FAULTS[fault]
+    trainer, recorder, _ = build(
+        tmp_path,
+        EMAArguments(half_life="4ba"),
+        callbacks=[RaiseAt(hook, 8, error)],
+        num_train_epochs=2,
+        eval_strategy="steps",
+        eval_steps=4,
+        save_strategy="steps",
+        save_steps=8,
+        logging_strategy="steps",
+        logging_steps=8,
+    )
+    with pytest.raises(type(error)):
+        trainer.train()
+    assert_close(state_of(trainer.model), recorder.weights[8], rtol=0, atol=0)
+
+
+def test_stock_trainer_fault_then_restore(tmp_path):
+    trainer, recorder, callback = build(
+        tmp_path,
+        EMAArguments(half_life="4ba"),
+        kind="callback",
+        callbacks=[RaiseAt("on_evaluate", 4, RuntimeError("boom"))],
+        num_train_epochs=2,
+        eval_strategy="steps",
+        eval_steps=4,
+    )
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+    callback.restore_training_weights()  # the documented way out for a stock Trainer
+    assert_close(state_of(trainer.model), recorder.weights[4], rtol=0, atol=0)
+
+
+def test_save_failure_leaves_training_weights(tmp_path, monkeypatch):
+    trainer, recorder, _ = build(
+        tmp_path, EMAArguments(half_life="4ba"), num_train_epochs=2, save_strategy="steps", save_steps=8
+    )
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(TinyModel, "save_pretrained", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.train()
+    assert_close(state_of(trainer.model), recorder.weights[8], rtol=0, atol=0)
+
+
+def test_keyboard_interrupt_between_steps_then_exact_resume(tmp_path):
+    ema_args = EMAArguments(half_life="4ba", update_interval="3ba")
+    common = dict(num_train_epochs=2, save_strategy="steps", save_steps=4)
+    reference, _, reference_cb = build(tmp_path / "ref", ema_args, **common)
+    reference.train()
+
+    interrupted, _, _ = build(
+        tmp_path / "run", ema_args, callbacks=[RaiseAt("on_step_begin", 10, KeyboardInterrupt())], **common
+    )
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train()
+    resumed, _, resumed_cb = build(tmp_path / "run", ema_args, **common)
+    resumed.train(resume_from_checkpoint=True)  # picks checkpoint-8, the last complete one
+    assert torch.equal(resumed.model.linear.weight, reference.model.linear.weight)
+    assert_close(state_of(resumed_cb.training_model()), state_of(reference_cb.training_model()), rtol=0, atol=0)
+
+
+class PoisonAt(TrainerCallback):
+    """Sets the training weights to NaN at the end of one step (before EMACallback sees them)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                model.linear.weight.fill_(float("nan"))
+
+
+def test_non_finite_weights_are_refused_when_saving(tmp_path):
+    trainer, _, _ = build(
+        tmp_path, EMAArguments(half_life="4ba"), num_train_epochs=2, save_strategy="steps", save_steps=8
+    )
+    trainer.callback_handler.callbacks.insert(0, PoisonAt(6))
+    with pytest.raises(FloatingPointError, match=r"'linear.weight' holds NaN or Inf at step 8.*ema_skip_non_finite"):
+        trainer.train()
+    assert not os.path.exists(tmp_path / "checkpoint-8")  # nothing half-written
+
+
+def test_non_finite_updates_skipped_on_request(tmp_path, caplog):
+    trainer, recorder, callback = build(
+        tmp_path,
+        EMAArguments(half_life="4ba", ema_skip_non_finite=True),
+        num_train_epochs=2,
+        save_strategy="steps",
+        save_steps=8,
+    )
+    trainer.callback_handler.callbacks.insert(0, PoisonAt(6))
+    with caplog.at_level(logging.WARNING, logger="hf_ema.callback"):
+        trainer.train()
+    assert "Step 6: training tensor 'linear.weight' holds NaN or Inf" in caplog.text
+    assert callback.num_updates == 5  # steps 1-5; every later step is skipped
+    expected = ema_at(recorder, 5)
+    assert_close(state_of(callback.ema_model()), expected)
+
+
+def test_predict_mid_training_uses_ema_and_leaves_training_alone(tmp_path):
+    seen = {}
+
+    class PredictAt(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 8:
+                seen["predictions"] = trainer.predict(RegressionDataset(16, seed=1)).predictions
+
+    trainer, recorder, _ = build(tmp_path, EMAArguments(half_life="4ba"), callbacks=[PredictAt()], num_train_epochs=2)
+    plain, plain_recorder, _ = build(tmp_path / "plain", EMAArguments(half_life="4ba"), num_train_epochs=2)
+    trainer.train()
+    plain.train()
+    expected = ema_at(recorder, 8)
+    x = RegressionDataset(16, seed=1).x.double()
+    reference = x @ expected["linear.weight"].reshape(-1) + expected["linear.bias"]
+    torch.testing.assert_close(torch.as_tensor(seen["predictions"]).double(), reference, rtol=1e-5, atol=1e-5)
+    assert_close(recorder.weights[16], plain_recorder.weights[16], rtol=0, atol=0)
+
+
+def test_model_init_reinitialises_the_average_per_run(tmp_path):
+    trainer = EMATrainer(
+        model_init=lambda: TinyModel(TinyConfig()),
+        args=build(tmp_path, None)[0].args,
+        train_dataset=RegressionDataset(32),
+        ema_args=EMAArguments(half_life="4ba"),
+    )
+    trainer.train()
+    first = state_of(trainer.model)
+    first_model = trainer.model
+    trainer.train()
+    assert trainer.model is not first_model
+    assert_close(state_of(trainer.model), first, rtol=0, atol=0)  # same seed, fresh average: identical runs
+    assert trainer.ema_callback.num_updates == 8
+
+
+def test_auto_find_batch_size_retry_initialises_once(tmp_path):
+    class FreshRecorder(Recorder):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.weights.clear()
+            super().on_train_begin(args, state, control, model=model, **kwargs)
+
+    class OOMOnce(TrainerCallback):
+        raised = False
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2 and not OOMOnce.raised:
+                OOMOnce.raised = True
+                raise RuntimeError("CUDA out of memory. (simulated)")
+
+    recorder = FreshRecorder()
+    trainer = EMATrainer(
+        model=TinyModel(TinyConfig()),
+        args=build(tmp_path, None, auto_find_batch_size=True, per_device_train_batch_size=8)[0].args,
+        train_dataset=RegressionDataset(32),
+        callbacks=[recorder, OOMOnce()],
+        ema_args=EMAArguments(half_life="4ba"),
+    )
+    trainer.train()
+    assert OOMOnce.raised and trainer.state.train_batch_size < 8  # accelerate shrank the batch and retried
+    steps = trainer.state.global_step
+    assert steps == len(recorder.weights) - 1 and trainer.ema_callback.num_updates == steps  # the retry's steps only
+    assert_close(state_of(trainer.model), ema_at(recorder, steps))
+
+
+def test_changed_settings_on_resume_warn(tmp_path, caplog):
+    full, _, _ = build(
+        tmp_path, EMAArguments(half_life="4ba"), num_train_epochs=2, save_strategy="steps", save_steps=8
+    )
+    full.train()
+    resumed, _, callback = build(tmp_path, EMAArguments(half_life="8ba"), num_train_epochs=2)
+    with caplog.at_level(logging.WARNING, logger="hf_ema.callback"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-8"))
+    assert "The EMA settings differ" in caplog.text and "'half_life': '8ba'" in caplog.text
+    assert callback.num_updates == 16  # the counters carried over
