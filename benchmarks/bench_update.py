@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
 
-from hf_ema.core import ema_update_  # noqa: E402
+from hf_ema.core import _lerp_upcast_, ema_update_  # noqa: E402
 
 
 def model_like(params: float, dtype: torch.dtype, device: str) -> list[torch.Tensor]:
@@ -59,12 +59,15 @@ def timed(fns: dict, device: str, repeats: int) -> dict[str, float]:
     for _ in range(repeats):
         for name, fn in fns.items():
             if device == "cuda":
+                # Five calls back to back between two events, after a synchronisation: the GPU is busy throughout.
+                torch.cuda.synchronize()
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                fn()
+                for _ in range(5):
+                    fn()
                 end.record()
                 torch.cuda.synchronize()
-                samples[name].append(start.elapsed_time(end) / 1000)
+                samples[name].append(start.elapsed_time(end) / 1000 / 5)
             else:
                 t0 = time.perf_counter()
                 fn()
@@ -74,7 +77,7 @@ def timed(fns: dict, device: str, repeats: int) -> dict[str, float]:
 
 def run(params: float, param_dtype: torch.dtype, shadow_dtype: torch.dtype, device: str, repeats: int) -> list[dict]:
     live = model_like(params, param_dtype, device)
-    shadow = [t.to(shadow_dtype) for t in live]
+    shadow = [t.to(shadow_dtype, copy=True) for t in live]  # never the same storage as `live`
     numel = sum(t.numel() for t in live)
     moved = numel * (2 * shadow[0].element_size() + live[0].element_size())  # read ema and w, write ema
     flat_live = torch.cat([t.reshape(-1) for t in live]).to(shadow_dtype)
@@ -92,7 +95,19 @@ def run(params: float, param_dtype: torch.dtype, shadow_dtype: torch.dtype, devi
             for e, w in zip(shadow, live, strict=True):
                 e.mul_(s).add_(w, alpha=1 - s)
 
+    def foreach_mul_add():
+        torch._foreach_mul_(shadow, s)
+        torch._foreach_add_(shadow, live, alpha=1 - s)
+
     rows = [("floor (one flat lerp)", floor), ("hf-ema ema_update_", ours), ("per-tensor mul_/add_ loop", loop)]
+    if param_dtype != shadow_dtype:  # the two ways hf-ema can do it; ema_update_ picks one per device type
+        rows.append(("  candidate: foreach mul_ + mixed-dtype add_ (hf-ema's choice on CUDA)", foreach_mul_add))
+        rows.append(
+            (
+                "  candidate: scratch upcast + foreach lerp (hf-ema's choice on CPU)",
+                lambda: _lerp_upcast_(shadow, live, 1 - s),
+            )
+        )
     if param_dtype == shadow_dtype:
         from torch.optim.swa_utils import get_ema_multi_avg_fn
 
@@ -129,6 +144,12 @@ def main() -> None:
     for param_dtype, shadow_dtype in cases:
         rows += run(args.params, param_dtype, shadow_dtype, args.device, args.repeats)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    if args.device == "cuda":
+        # A device-to-device copy as a second yardstick: it moves 2 bytes per byte copied.
+        big = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+        other = torch.empty_like(big)
+        seconds = timed({"copy": lambda: other.copy_(big)}, "cuda", args.repeats)["copy"]
+        print(f"device-to-device copy of 1 GiB: {2 * 2**30 / seconds / 1e9:.0f} GB/s counting read and write")
     header = (
         f"### Update cost, {args.device} ({device_name}, {os.cpu_count()} cores), torch {torch.__version__}, "
         f"{rows[0]['params'] / 1e6:.0f}M parameters in {rows[0]['tensors']} tensors, "

@@ -12,6 +12,7 @@ DEFAULT_HALF_LIFE = "1000ba"
 EMA_DTYPES = ("auto", "float32", "same")
 CHECKPOINT_WEIGHTS = ("ema", "training")
 RESUME_WITHOUT_STATE = ("error", "restart")
+BUFFERS = ("average", "copy")
 
 
 @dataclass
@@ -46,6 +47,13 @@ class EMAArguments:
         ema_resume_without_state (`str`, *optional*, defaults to `"error"`):
             What resuming from a checkpoint that has no EMA state does: `"error"` refuses, `"restart"` starts a
             fresh average from the loaded weights (on purpose, with a warning).
+        ema_buffers (`str`, *optional*, defaults to `"average"`):
+            Floating-point buffers (BatchNorm running statistics): `"average"` them like parameters, or `"copy"` the
+            training model's current values into the EMA weights. Integer buffers are always copied.
+        ema_device (`str`, *optional*):
+            Where the averages live: the parameters' device by default, or `"cpu"` to keep them in (pinned) host
+            memory, for models whose average does not fit on the accelerator. Updates then copy the weights to the
+            host without blocking and average on a background thread.
         ema_skip_non_finite (`bool`, *optional*, defaults to `False`):
             Check the training weights before each update and skip the update (with a warning) when any is NaN or
             infinite. Costs one host synchronisation per update. Without it, a non-finite average is refused with an
@@ -107,6 +115,14 @@ class EMAArguments:
         },
     )
 
+    ema_buffers: Literal["average", "copy"] = field(
+        default="average",
+        metadata={"help": "Floating-point buffers (BatchNorm stats): 'average' them, or 'copy' the current values."},
+    )
+    ema_device: str | None = field(
+        default=None,
+        metadata={"help": "Where the averages live: the parameters' device (default) or 'cpu' (pinned host memory)."},
+    )
     ema_skip_non_finite: bool = field(
         default=False,
         metadata={
@@ -152,6 +168,12 @@ class EMAArguments:
         _check_choice("ema_dtype", self.ema_dtype, EMA_DTYPES)
         _check_choice("ema_checkpoint_weights", self.ema_checkpoint_weights, CHECKPOINT_WEIGHTS)
         _check_choice("ema_resume_without_state", self.ema_resume_without_state, RESUME_WITHOUT_STATE)
+        _check_choice("ema_buffers", self.ema_buffers, BUFFERS)
+        if self.ema_device is not None and self.ema_device != "cpu":
+            raise ValueError(
+                f"`ema_device` must be None (the parameters' device) or 'cpu', got {self.ema_device!r}. Use "
+                "ema_device='cpu' to keep the average in host memory."
+            )
         for name in ("ema_eval_training_weights", "ema_skip_non_finite"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")

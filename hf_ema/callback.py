@@ -187,6 +187,8 @@ class EMACallback(TrainerCallback):
             else:
                 self.store.swap_out(self.model)  # a second train(): continue from the training weights
         self.model = model
+        if self.store is not None:
+            self.store.close()
         self.store, self._window, self._sidecar_step = None, False, None
         self.schedule = self._new_schedule()
         self._check_units(args, state)
@@ -200,6 +202,10 @@ class EMACallback(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self._close_window()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.store is not None:
+            self.store.fence()  # an offloaded update's copies must be out before the weights change
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         self._close_window()
@@ -280,8 +286,14 @@ class EMACallback(TrainerCallback):
                 "epochs are not known. Give the times in 'ba', 'sp' or 'dur' instead."
             )
 
+    def _new_store(self, model: nn.Module) -> ShadowStore:
+        if self.store is not None:
+            self.store.close()
+        a = self.ema_args
+        return ShadowStore(model, a.ema_dtype, device=a.ema_device, buffers=a.ema_buffers)
+
     def _start(self, args: TrainingArguments, state: TrainerState) -> None:
-        self.store = ShadowStore(self.model, self.ema_args.ema_dtype)
+        self.store = self._new_store(self.model)
         self.schedule.start(self._clock(args, state), state.global_step)
         if args.should_log:
             logger.info(
@@ -306,7 +318,7 @@ class EMACallback(TrainerCallback):
                 )
                 return
         if action == START:
-            self.store = ShadowStore(self.model, self.ema_args.ema_dtype)
+            self.store = self._new_store(self.model)
         elif action is not None:
             self.store.update_(self.model, action)
 
@@ -417,7 +429,7 @@ class EMACallback(TrainerCallback):
         if not schedule.started:
             self.schedule, self.store = schedule, None
             return
-        store = ShadowStore(model, self.ema_args.ema_dtype)
+        store = self._new_store(model)
         check_fingerprint(path, store.fingerprint(), meta["fingerprint"])
         if meta["model_files"] == "ema" and sidecar.training is None:
             raise EMAStateError(f"{path} says the model files hold EMA weights but has no training weights.")

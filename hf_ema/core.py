@@ -36,14 +36,64 @@ def _groups(*lists: Sequence[Tensor]) -> dict[tuple, list[list[Tensor]]]:
     return groups
 
 
+SCRATCH_NUMEL = 2**22
+"""Elements of the scratch buffer that upcasts 16-bit tensors for a wider average on CPU (16 MiB in float32): small
+enough to stay in cache between the upcast and the lerp."""
+
+
+@torch.no_grad()
+def _lerp_upcast_(shadow: Sequence[Tensor], current: Sequence[Tensor], weight: float) -> None:
+    """`shadow.lerp_(current, weight)` for a wider shadow dtype, upcasting `current` through a small scratch buffer.
+
+    Slices of the tensors are batched until the scratch is full; each batch is one fused upcast and one fused lerp.
+    """
+    scratch = torch.empty(SCRATCH_NUMEL, dtype=shadow[0].dtype, device=shadow[0].device)
+    targets: list[Tensor] = []
+    sources: list[Tensor] = []
+    used = 0
+
+    def flush() -> None:
+        nonlocal used
+        if targets:
+            staged = [scratch[offset : offset + t.numel()] for offset, t in _offsets(sources)]
+            torch._foreach_copy_(staged, sources)
+            torch._foreach_lerp_(targets, staged, weight)
+        targets.clear()
+        sources.clear()
+        used = 0
+
+    for ema, live in zip(shadow, current, strict=True):
+        if not (ema.is_contiguous() and live.is_contiguous()):
+            flush()
+            ema.lerp_(live.to(ema.dtype), weight)  # rare (strided tensors): a temporary of this tensor only
+            continue
+        ema_flat, live_flat = ema.view(-1), live.view(-1)
+        for start in range(0, ema_flat.numel(), SCRATCH_NUMEL):
+            size = min(SCRATCH_NUMEL, ema_flat.numel() - start)
+            if used + size > SCRATCH_NUMEL:
+                flush()
+            targets.append(ema_flat[start : start + size])
+            sources.append(live_flat[start : start + size])
+            used += size
+    flush()
+
+
+def _offsets(tensors: Sequence[Tensor]) -> Iterator[tuple[int, Tensor]]:
+    offset = 0
+    for tensor in tensors:
+        yield offset, tensor
+        offset += tensor.numel()
+
+
 @torch.no_grad()
 def ema_update_(shadow: Sequence[Tensor], current: Sequence[Tensor], smoothing: float) -> None:
     """Moves each shadow tensor towards its live counterpart: `shadow = s * shadow + (1 - s) * current`.
 
     Tensors are grouped by device and dtype and updated with fused multi-tensor kernels (`torch._foreach_*`); no
-    temporary the size of the model is made. Where shadow and current share a dtype the update is a lerp (a tensor
-    that does not move stays bit-exact); a float32 shadow of a 16-bit tensor is updated with mul and add, which upcast
-    element by element.
+    temporary the size of the model is made. The update is a lerp where dtypes match (a tensor that does not move stays
+    bit-exact). A float32 shadow of a 16-bit tensor is updated with a fused mul and a mixed-dtype add on CUDA, and on
+    other devices lerped towards the tensor upcast slice by slice through a 16 MiB scratch buffer (`SCRATCH_NUMEL`):
+    whichever measured faster there.
 
     Args:
         shadow (`Sequence[Tensor]`): the averages, updated in place.
@@ -58,9 +108,13 @@ def ema_update_(shadow: Sequence[Tensor], current: Sequence[Tensor], smoothing: 
     for (_device, shadow_dtype, current_dtype), (ema, live) in _groups(shadow, current).items():
         if shadow_dtype == current_dtype:
             torch._foreach_lerp_(ema, live, weight)
-        else:
+        elif _device.type == "cuda":
+            # Measured on an H100 (docs/benchmarks.md): a fused mul then a mixed-dtype add beats the scratch upcast,
+            # whose many small kernels cost more than the L2 traffic they save.
             torch._foreach_mul_(ema, smoothing)
             torch._foreach_add_(ema, live, alpha=weight)
+        else:
+            _lerp_upcast_(ema, live, weight)  # 2x faster than mul + add on CPU (docs/benchmarks.md)
 
 
 @torch.no_grad()
@@ -94,11 +148,12 @@ def first_non_finite(names: Sequence[str], tensors: Sequence[Tensor]) -> str | N
     return None
 
 
-def tracked_tensors(module: nn.Module) -> Iterator[tuple[str, Tensor, str]]:
+def tracked_tensors(module: nn.Module, buffers: str = "average") -> Iterator[tuple[str, Tensor, str]]:
     """Yields `(name, tensor, kind)` for every tensor an EMA of `module` deals with.
 
     `kind` is `"average"` for trainable parameters and persistent floating-point buffers (BatchNorm running stats) and
-    `"copy"` for persistent integer buffers (`num_batches_tracked`). Frozen parameters are not yielded (they equal
+    `"copy"` for persistent integer buffers (`num_batches_tracked`), and for floating-point buffers too when `buffers`
+    is `"copy"`. Frozen parameters are not yielded (they equal
     their average), non-persistent buffers neither (they are not saved and are recomputed by the model). Tied weights
     are yielded once, under their first name.
     """
@@ -110,7 +165,7 @@ def tracked_tensors(module: nn.Module) -> Iterator[tuple[str, Tensor, str]]:
             if buffer is None or buffer_name in submodule._non_persistent_buffers_set:
                 continue
             name = f"{prefix}.{buffer_name}" if prefix else buffer_name
-            yield name, buffer, "average" if buffer.is_floating_point() else "copy"
+            yield name, buffer, "average" if buffer.is_floating_point() and buffers == "average" else "copy"
 
 
 @torch.no_grad()

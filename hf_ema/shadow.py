@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import Tensor, nn
@@ -25,22 +26,52 @@ class ShadowStore:
     """EMA tensors of one model, keyed by name (never by position).
 
     The store tracks trainable parameters and persistent floating-point buffers (see `tracked_tensors`). While the EMA
-    weights are in the model ("swapped in"), tensors whose average has the model's dtype are exchanged in place with
-    the average (no extra copy; the store then holds the training values), and tensors with a wider average (float32 of
-    a bf16 parameter) are stashed once in the parameter's dtype and overwritten with the rounded average.
+    weights are in the model ("swapped in"), tensors whose average has the model's dtype and device are exchanged in
+    place with the average (no extra copy; the store then holds the training values); the others (a float32 average
+    of a bf16 parameter, an average kept in host memory) have their training values stashed once, in the parameter's
+    dtype, on the average's device, while the rounded average is in the model.
+
+    With `device="cpu"` for a model on an accelerator, the averages live in host memory (pinned). An update then
+    copies the live tensors into pinned staging buffers without blocking and does the arithmetic on a background
+    thread, overlapped with the next training steps; every read of the store waits for it first.
 
     Args:
         module (`nn.Module`): the model whose tensors are averaged; the average starts equal to them.
         ema_dtype (`str`, *optional*, defaults to `"auto"`): see `EMAArguments.ema_dtype`.
+        device (`str` or `torch.device`, *optional*): where the averages live; defaults to each tensor's device.
+        buffers (`str`, *optional*, defaults to `"average"`): `"average"` floating-point buffers, or `"copy"` them
+            (leave the model's current values in the EMA weights).
+        asynchronous (`bool`, *optional*): overlap updates through staging buffers and a background thread; defaults
+            to True exactly when some average lives on another device than its tensor.
     """
 
-    def __init__(self, module: nn.Module, ema_dtype: str = "auto") -> None:
-        self.ema_dtype = ema_dtype
+    def __init__(
+        self,
+        module: nn.Module,
+        ema_dtype: str = "auto",
+        device: str | torch.device | None = None,
+        buffers: str = "average",
+        asynchronous: bool | None = None,
+    ) -> None:
+        self.ema_dtype, self.buffers = ema_dtype, buffers
+        self.device = torch.device(device) if device is not None else None
         live = self._live(module, check=False)
-        self.shadow: dict[str, Tensor] = {
-            name: tensor.detach().to(dtype=shadow_dtype(tensor.dtype, ema_dtype), copy=True)
-            for name, tensor in live.items()
-        }
+        self.shadow: dict[str, Tensor] = {}
+        for name, tensor in live.items():
+            target = self.device if self.device is not None else tensor.device
+            average = _empty_like(tensor, shadow_dtype(tensor.dtype, ema_dtype), target)
+            average.copy_(tensor.detach())
+            self.shadow[name] = average
+        offloaded = any(self.shadow[n].device != t.device for n, t in live.items())
+        self.asynchronous = offloaded if asynchronous is None else asynchronous
+        # Staging buffers (async updates) double as the stash of training values during a swap.
+        self._staging: dict[str, Tensor] = (
+            {n: _empty_like(t, t.dtype, self.shadow[n].device) for n, t in live.items()} if self.asynchronous else {}
+        )
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-ema") if self.asynchronous else None
+        self._pending: Future | None = None
+        self._copy_done = None  # CUDA event: the staged copies of the last update have been issued on a side stream
+        self._copy_stream = None
         self.ema_in_model = False
         self._stash: dict[str, Tensor] = {}
 
@@ -60,7 +91,7 @@ class ShadowStore:
         return {name: [list(t.shape), str(t.dtype).removeprefix("torch.")] for name, t in self.shadow.items()}
 
     def _live(self, module: nn.Module, check: bool = True) -> dict[str, Tensor]:
-        live = {name: tensor for name, tensor, kind in tracked_tensors(module) if kind == "average"}
+        live = {n: t for n, t, kind in tracked_tensors(module, buffers=self.buffers) if kind == "average"}
         if check and (
             live.keys() != self.shadow.keys() or any(live[n].shape != s.shape for n, s in self.shadow.items())
         ):
@@ -68,10 +99,33 @@ class ShadowStore:
         return live
 
     def _split(self, live: Mapping[str, Tensor]) -> tuple[list[str], list[str]]:
-        """Names whose average shares the live dtype (exchanged on swap) and names with a wider average (stashed)."""
+        """Names whose average shares the live dtype and device (exchanged on swap), and the others (stashed)."""
         same = [n for n, s in self.shadow.items() if s.dtype == live[n].dtype and s.device == live[n].device]
-        wide = [n for n in self.shadow if n not in set(same)]
-        return same, wide
+        chosen = set(same)
+        return same, [n for n in self.shadow if n not in chosen]
+
+    def close(self) -> None:
+        """Finishes any background update and stops the background thread."""
+        self.wait()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def fence(self) -> None:
+        """Makes the current CUDA stream wait until the last update's weights are copied out (no host sync).
+
+        Call before anything writes the weights (the optimizer step): the copies run on a side stream.
+        """
+        if self._copy_done is not None:
+            torch.cuda.current_stream().wait_event(self._copy_done)
+            self._copy_done = None
+
+    def wait(self) -> None:
+        """Blocks until a background update has finished (a no-op for synchronous stores)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+        self._copy_done = None  # the background thread synchronised on it
 
     # ---- averaging ----
 
@@ -79,17 +133,108 @@ class ShadowStore:
     def update_(self, module: nn.Module, smoothing: float) -> None:
         """One EMA step towards the module's current (training) weights."""
         self._require_training_in_model("update the average")
+        self.wait()
         live = self._live(module)
         names = list(self.shadow)
-        ema_update_([self.shadow[n] for n in names], [live[n] for n in names], smoothing)
+        if not self.asynchronous:
+            ema_update_([self.shadow[n] for n in names], [live[n] for n in names], smoothing)
+            return
+        staged = [self._staging[n] for n in names]
+        done = None
+        if any(live[n].is_cuda for n in names):
+            # Copy on a side stream: the next forward and backward (which only read the weights) overlap with it;
+            # `fence()` makes the next optimizer step (which writes them) wait for it.
+            if self._copy_stream is None:
+                self._copy_stream = torch.cuda.Stream()
+            self._copy_stream.wait_stream(torch.cuda.current_stream())
+            done = torch.cuda.Event()
+            with torch.cuda.stream(self._copy_stream):
+                for buffer, name in zip(staged, names, strict=True):
+                    buffer.copy_(live[name], non_blocking=True)
+                done.record()
+            self._copy_done = done
+        else:
+            for buffer, name in zip(staged, names, strict=True):
+                buffer.copy_(live[name])
+        shadow = [self.shadow[n] for n in names]
+
+        def finish() -> None:
+            if done is not None:
+                done.synchronize()  # the staged copies of this step's weights have landed
+            ema_update_(shadow, staged, smoothing)
+
+        self._pending = self._executor.submit(finish)
 
     @torch.no_grad()
     def reset_(self, module: nn.Module) -> None:
         """Sets the average to the module's current weights (the start of averaging)."""
         self._require_training_in_model("reset the average")
+        self.wait()
         live = self._live(module)
         for name, shadow in self.shadow.items():
             shadow.copy_(live[name])
+
+    # ---- swapping ----
+
+    @torch.no_grad()
+    def swap_in(self, module: nn.Module) -> None:
+        """Puts the EMA weights into `module` in place; the training weights are kept for `swap_out`."""
+        if self.ema_in_model:
+            return
+        self.wait()
+        live = self._live(module)
+        same, other = self._split(live)
+        exchange_([live[n] for n in same], [self.shadow[n] for n in same])
+        for name in other:
+            stash = self._staging.get(name)
+            if stash is None:
+                stash = _empty_like(live[name], live[name].dtype, self.shadow[name].device)
+            stash.copy_(live[name])
+            self._stash[name] = stash
+            live[name].copy_(self.shadow[name])
+        self.ema_in_model = True
+
+    @torch.no_grad()
+    def swap_out(self, module: nn.Module) -> None:
+        """Puts the training weights back into `module`, bit for bit."""
+        if not self.ema_in_model:
+            return
+        live = self._live(module)
+        same, other = self._split(live)
+        exchange_([live[n] for n in same], [self.shadow[n] for n in same])
+        for name in other:
+            live[name].copy_(self._stash.pop(name))
+        self._stash.clear()
+        self.ema_in_model = False
+
+    def discard_swap(self) -> None:
+        """Forgets that EMA weights are in the model, after the model's weights were replaced from outside (a load).
+
+        Only `load_state_` may follow: the averages of exchanged tensors hold stale training values.
+        """
+        self.wait()
+        self._stash.clear()
+        self.ema_in_model = False
+
+    # ---- views of both sets of weights ----
+
+    def ema_tensors(self, module: nn.Module) -> dict[str, Tensor]:
+        """The EMA values in full (shadow) precision, wherever they are right now. Do not modify."""
+        self.wait()
+        if not self.ema_in_model:
+            return dict(self.shadow)
+        live = self._live(module)
+        exchanged = set(self._split(live)[0])
+        return {n: (live[n] if n in exchanged else self.shadow[n]) for n in self.shadow}
+
+    def training_tensors(self, module: nn.Module) -> dict[str, Tensor]:
+        """The training values in the model's dtype, wherever they are right now. Do not modify."""
+        self.wait()
+        live = self._live(module)
+        if not self.ema_in_model:
+            return live
+        exchanged = set(self._split(live)[0])
+        return {n: (self.shadow[n] if n in exchanged else self._stash[n]) for n in self.shadow}
 
     def non_finite_training(self, module: nn.Module) -> str | None:
         """Name of the first training tensor with a NaN or Inf (one host sync), or None."""
@@ -100,60 +245,6 @@ class ShadowStore:
         """Name of the first average with a NaN or Inf (one host sync), or None."""
         ema = self.ema_tensors(module)
         return first_non_finite(list(ema), list(ema.values()))
-
-    # ---- swapping ----
-
-    @torch.no_grad()
-    def swap_in(self, module: nn.Module) -> None:
-        """Puts the EMA weights into `module` in place; the training weights are kept for `swap_out`."""
-        if self.ema_in_model:
-            return
-        live = self._live(module)
-        same, wide = self._split(live)
-        exchange_([live[n] for n in same], [self.shadow[n] for n in same])
-        for name in wide:
-            self._stash[name] = live[name].detach().clone()
-            live[name].copy_(self.shadow[name])
-        self.ema_in_model = True
-
-    @torch.no_grad()
-    def swap_out(self, module: nn.Module) -> None:
-        """Puts the training weights back into `module`, bit for bit."""
-        if not self.ema_in_model:
-            return
-        live = self._live(module)
-        same, wide = self._split(live)
-        exchange_([live[n] for n in same], [self.shadow[n] for n in same])
-        for name in wide:
-            live[name].copy_(self._stash.pop(name))
-        self._stash.clear()
-        self.ema_in_model = False
-
-    def discard_swap(self) -> None:
-        """Forgets that EMA weights are in the model, after the model's weights were replaced from outside (a load).
-
-        Only `load_state_` may follow: the averages of exchanged tensors hold stale training values.
-        """
-        self._stash.clear()
-        self.ema_in_model = False
-
-    # ---- views of both sets of weights ----
-
-    def ema_tensors(self, module: nn.Module) -> dict[str, Tensor]:
-        """The EMA values in full (shadow) precision, wherever they are right now. Do not modify."""
-        if not self.ema_in_model:
-            return dict(self.shadow)
-        live = self._live(module)
-        same, wide = self._split(live)
-        return {n: (live[n] if n in set(same) else self.shadow[n]) for n in self.shadow}
-
-    def training_tensors(self, module: nn.Module) -> dict[str, Tensor]:
-        """The training values in the model's dtype, wherever they are right now. Do not modify."""
-        live = self._live(module)
-        if not self.ema_in_model:
-            return live
-        same, _ = self._split(live)
-        return {n: (self.shadow[n] if n in set(same) else self._stash[n]) for n in self.shadow}
 
     @torch.no_grad()
     def copy_ema_to(self, target: nn.Module, source: nn.Module) -> None:
@@ -177,6 +268,7 @@ class ShadowStore:
 
         Shapes and dtypes must match the store (a float32 average is never loaded from a rounded copy).
         """
+        self.wait()
         self.ema_in_model = False
         self._stash.clear()
         live = self._live(module)
@@ -190,6 +282,12 @@ class ShadowStore:
             raise RuntimeError(
                 f"Cannot {action} while the EMA weights are swapped into the model; swap them out first."
             )
+
+
+def _empty_like(tensor: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An uninitialised tensor of `tensor`'s shape; pinned when it is host memory paired with an accelerator."""
+    pin = device.type == "cpu" and tensor.device.type != "cpu" and torch.cuda.is_available()
+    return torch.empty(tensor.shape, dtype=dtype, device=device, pin_memory=pin)
 
 
 def _mismatch_message(shadow: Mapping[str, Tensor], live: Mapping[str, Tensor]) -> str:

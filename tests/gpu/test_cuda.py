@@ -66,3 +66,27 @@ def test_bf16_model_float32_average_and_exact_resume_on_cuda(tmp_path):
     for name in ema_final:
         assert torch.equal(resumed_cb.store.ema_tensors(resumed.model)[name], ema_final[name]), name
         assert torch.equal(resumed_cb.store.training_tensors(resumed.model)[name], training_final[name]), name
+
+
+def test_host_average_of_a_cuda_model(tmp_path):
+    results = {}
+    for device in (None, "cpu"):
+        trainer, recorder, callback = build(
+            tmp_path / str(device),
+            EMAArguments(half_life="4ba", ema_device=device),
+            use_cpu=False,
+            num_train_epochs=2,
+            save_strategy="steps",
+            save_steps=8,
+        )
+        trainer.train()
+        where = {t.device.type for t in callback.store.shadow.values()}
+        assert where == ({"cpu"} if device == "cpu" else {"cuda"})
+        if device == "cpu":
+            assert all(t.is_pinned() for t in callback.store.shadow.values())
+        expected = reference_ema(recorder.weights, 0, [(k, 2 ** (-1 / 4)) for k in range(1, 17)])
+        assert_close({n: t.double().cpu() for n, t in callback.store.ema_tensors(trainer.model).items()}, expected)
+        results[device] = {n: t.cpu() for n, t in callback.store.ema_tensors(trainer.model).items()}
+        assert (tmp_path / str(device) / "checkpoint-16" / "ema_state.safetensors").is_file()
+    for name in results[None]:
+        torch.testing.assert_close(results["cpu"][name], results[None][name], rtol=1e-6, atol=1e-7)
