@@ -22,6 +22,10 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(__file__))
+
+from report import publish  # noqa: E402
+
 MiB = 2**20
 
 
@@ -170,11 +174,7 @@ def main() -> None:
     table = "".join(
         f"| {name} | {m(value)} | {m(expected) if expected is not None else ''} |\n" for name, value, expected in rows
     )
-    print(header + table)
-    if args.write:
-        path = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "benchmarks.md")
-        with open(path, "a", encoding="utf-8") as handle:
-            handle.write("\n" + header + table)
+    publish(header + table, args.write)
 
 
 if __name__ == "__main__":

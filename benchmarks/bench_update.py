@@ -30,6 +30,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
 
+from report import publish  # noqa: E402
+
 from hf_ema.core import _lerp_upcast_, ema_update_  # noqa: E402
 
 
@@ -162,11 +164,7 @@ def main() -> None:
         f"{r['GBps']:.0f} |\n"
         for r in rows
     )
-    print(header + table)
-    if args.write:
-        path = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "benchmarks.md")
-        with open(path, "a", encoding="utf-8") as handle:
-            handle.write("\n" + header + table)
+    publish(header + table, args.write)
 
 
 if __name__ == "__main__":

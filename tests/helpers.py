@@ -43,3 +43,20 @@ def module_state(module) -> dict[str, torch.Tensor]:
 def ema_at(recorder, step: int, start: int = 0, smoothing: float = 2 ** (-1 / 4)):
     """Float64 reference EMA at `step` for a half-life of 4ba updated every step from `start`."""
     return reference_ema(recorder.weights, start, [(k, smoothing) for k in range(start + 1, step + 1)])
+
+
+def tiny_llama(vocab=64, hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2):
+    """A tiny Llama built from a config (no download), seeded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 from conftest import RegressionDataset, TinyConfig, TinyModel
-from helpers import build
+from helpers import build, tiny_llama
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
@@ -160,19 +160,7 @@ def frozen_bias_model():
 
 
 def resize_embeddings(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=16,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(vocab=32, hidden=16, intermediate=32, layers=1, heads=2, kv_heads=1)
     tokens = torch.randint(0, 32, (16, 8))
     data = [{"input_ids": t, "labels": t} for t in tokens]
     trainer = EMATrainer(

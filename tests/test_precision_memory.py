@@ -3,9 +3,8 @@
 import pytest
 import torch
 from conftest import TinyConfig, TinyModel, assert_close, reference_ema, state_of
-from helpers import build
+from helpers import build, tiny_llama
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_ema import EMAArguments, EMATrainer
 from hf_ema.core import tracked_tensors
@@ -52,20 +51,6 @@ def test_bf16_weights_need_a_float32_average(tmp_path):
     for name in exported_same:  # ...while a bf16 average rounds every update away and never leaves the start
         assert torch.equal(exported_same[name], start[name]), name
     assert max(errors_same.values()) > 4
-
-
-def tiny_llama():
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config)
 
 
 def token_data(n=32, length=12):
