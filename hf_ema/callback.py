@@ -9,12 +9,15 @@ import os
 import sys
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from . import __version__
 from .arguments import EMAArguments
 from .checkpoint import SIDECAR_NAME, EMAStateError, check_fingerprint, load_sidecar, save_sidecar, sidecar_path
+from .core import first_non_finite
+from .distributed import check_backend
 from .schedule import START, EMASchedule
 from .shadow import ShadowStore
 from .time import Clock
@@ -79,6 +82,7 @@ class EMACallback(TrainerCallback):
         self._sidecar_step: int | None = None
         self._managed_by_trainer = False  # EMATrainer writes the sidecar itself, into the right run folder
         self._told_not_started = False
+        self._sharded = False
 
     # ---- public helpers ----
 
@@ -152,14 +156,23 @@ class EMACallback(TrainerCallback):
             self.store.swap_out(self.model)
 
     def save_state(self, checkpoint_dir: str, args: TrainingArguments, state: TrainerState) -> str | None:
-        """Writes the EMA sidecar for the checkpoint of `state.global_step` into `checkpoint_dir` (main process only).
+        """Writes the EMA sidecar for the checkpoint of `state.global_step` into `checkpoint_dir`.
 
-        Returns the file written, or None on other processes and when it was written for this step already.
+        Every rank must call it (sharded averages are gathered, a collective); the main process writes. Returns the
+        file written, or None on other processes and when it was written for this step already.
         """
-        if self._sidecar_step == state.global_step or not args.should_save:
+        if self._sidecar_step == state.global_step:
             return None
-        self._check_finite(state, f"The checkpoint in {checkpoint_dir} was not given EMA state")
+        self._sidecar_step = state.global_step
         holds_ema = self.started and self.ema_args.ema_checkpoint_weights == "ema"
+        ema, training = {}, None
+        if self.started:
+            ema = self.store.full_ema(self.model)
+            self._check_finite(state, ema, f"The checkpoint in {checkpoint_dir} was not given EMA state")
+            if holds_ema:
+                training = self.store.full_training(self.model)
+        if not args.should_save:
+            return None
         meta = {
             "hf_ema_version": __version__,
             "global_step": state.global_step,
@@ -168,14 +181,7 @@ class EMACallback(TrainerCallback):
             "model_files": "ema" if holds_ema else "training",
             "fingerprint": self.store.fingerprint() if self.started else None,
         }
-        ema, training = {}, None
-        if self.started:
-            ema = self.store.ema_tensors(self.model)
-            if holds_ema:
-                training = self.store.training_tensors(self.model)
-        path = save_sidecar(checkpoint_dir, meta, ema, training)
-        self._sidecar_step = state.global_step
-        return path
+        return save_sidecar(checkpoint_dir, meta, ema, training)
 
     # ---- Trainer hooks ----
 
@@ -192,6 +198,7 @@ class EMACallback(TrainerCallback):
         self.store, self._window, self._sidecar_step = None, False, None
         self.schedule = self._new_schedule()
         self._check_units(args, state)
+        self._sharded = check_backend(model, getattr(args, "deepspeed", None)) == "sharded"
         if state.global_step > 0:
             self._resume(args, state, model)
         elif self.schedule.starts_at_zero:
@@ -233,7 +240,8 @@ class EMACallback(TrainerCallback):
     def on_push_begin(self, args, state, control, **kwargs):
         # An intermediate hub push runs inside the Trainer's checkpoint save, before rotation: the sidecar must be
         # in the folder before it is uploaded (save_strategy="best" has no earlier hook).
-        if self.model is not None and control.should_save:
+        # Only the main process pushes, so a gather (sharded averages) cannot run here; on_save writes it then.
+        if self.model is not None and control.should_save and not self._sharded:
             self._write_checkpoint_state(args, state)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
@@ -247,7 +255,9 @@ class EMACallback(TrainerCallback):
         else:
             self._close_window()
         if self.started:
-            self._check_finite(state, "The EMA weights were not put into the model; it holds the training weights")
+            self._check_finite(
+                state, None, "The EMA weights were not put into the model; it holds the training weights"
+            )
             self.store.swap_in(model)  # what the user does next (save, push, evaluate) uses the EMA
 
     # ---- internals ----
@@ -309,6 +319,10 @@ class EMACallback(TrainerCallback):
         action = self.schedule.step(self._clock(args, state), state.global_step)
         if isinstance(action, float) and self.ema_args.ema_skip_non_finite:
             bad = self.store.non_finite_training(self.model)
+            if self._sharded:  # each rank sees its shards: skip everywhere if any rank must
+                flag = torch.tensor(float(bad is not None), device=next(iter(self.store.shadow.values())).device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                bad = bad or ("a tensor on another rank" if flag.item() else None)
             if bad is not None:
                 self.schedule.load_state_dict(before)  # the next update spans this step's time too
                 logger.warning(
@@ -322,10 +336,12 @@ class EMACallback(TrainerCallback):
         elif action is not None:
             self.store.update_(self.model, action)
 
-    def _check_finite(self, state: TrainerState, consequence: str) -> None:
+    def _check_finite(self, state: TrainerState, ema: dict | None, consequence: str) -> None:
         if not self.started:
             return
-        bad = self.store.non_finite_ema(self.model)
+        if ema is None:
+            ema = self.store.full_ema(self.model)
+        bad = first_non_finite(list(ema), list(ema.values()))
         if bad is None:
             return
         raise FloatingPointError(
@@ -357,11 +373,12 @@ class EMACallback(TrainerCallback):
             self.store.swap_out(self.model)
 
     def _write_checkpoint_state(self, args: TrainingArguments, state: TrainerState) -> None:
-        if self._sidecar_step == state.global_step:
+        # Called on every rank (sharded averages are gathered); the main process writes. Hyper-parameter search
+        # trials save under output_dir/run-<id>/, a folder callbacks are not told: EMATrainer writes those itself.
+        if state.trial_name is not None:
             return
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if os.path.isdir(folder):
-            self.save_state(folder, args, state)
+        self.save_state(folder, args, state)
 
     def _checkpoint_folder(self, args: TrainingArguments, state: TrainerState) -> str:
         if self.resume_from_checkpoint is not None:

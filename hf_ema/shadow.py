@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .core import ema_update_, exchange_, first_non_finite, tracked_tensors
+from .distributed import gather_full, local_view, reshard_, shard_like
 
 SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 
@@ -55,6 +56,7 @@ class ShadowStore:
     ) -> None:
         self.ema_dtype, self.buffers = ema_dtype, buffers
         self.device = torch.device(device) if device is not None else None
+        self.global_shapes = {n: tuple(t.shape) for n, t in self._tracked(module).items()}
         live = self._live(module, check=False)
         self.shadow: dict[str, Tensor] = {}
         for name, tensor in live.items():
@@ -87,11 +89,17 @@ class ShadowStore:
         return sum(t.numel() * t.element_size() for t in self.shadow.values())
 
     def fingerprint(self) -> dict[str, list]:
-        """Names, shapes and dtypes of the averages: what a checkpoint's EMA state must match."""
-        return {name: [list(t.shape), str(t.dtype).removeprefix("torch.")] for name, t in self.shadow.items()}
+        """Names, full shapes and dtypes of the averages: what a checkpoint's EMA state must match."""
+        return {n: [list(self.global_shapes[n]), str(t.dtype).removeprefix("torch.")] for n, t in self.shadow.items()}
+
+    def _tracked(self, module: nn.Module) -> dict[str, Tensor]:
+        """The averaged tensors as the model holds them (DTensors for sharded parameters)."""
+        reshard_(module)
+        return {n: t for n, t, kind in tracked_tensors(module, buffers=self.buffers) if kind == "average"}
 
     def _live(self, module: nn.Module, check: bool = True) -> dict[str, Tensor]:
-        live = {n: t for n, t, kind in tracked_tensors(module, buffers=self.buffers) if kind == "average"}
+        """The averaged tensors as this rank holds them: local shards of sharded parameters."""
+        live = {n: local_view(t) for n, t in self._tracked(module).items()}
         if check and (
             live.keys() != self.shadow.keys() or any(live[n].shape != s.shape for n, s in self.shadow.items())
         ):
@@ -241,10 +249,15 @@ class ShadowStore:
         live = self.training_tensors(module)
         return first_non_finite(list(live), list(live.values()))
 
-    def non_finite_ema(self, module: nn.Module) -> str | None:
-        """Name of the first average with a NaN or Inf (one host sync), or None."""
-        ema = self.ema_tensors(module)
-        return first_non_finite(list(ema), list(ema.values()))
+    def full_ema(self, module: nn.Module) -> dict[str, Tensor]:
+        """The EMA values as full tensors (gathering sharded ones: a collective every rank must call)."""
+        tracked, ema = self._tracked(module), self.ema_tensors(module)
+        return {n: gather_full(tracked[n], ema[n]) for n in self.shadow}
+
+    def full_training(self, module: nn.Module) -> dict[str, Tensor]:
+        """The training values as full tensors (gathering sharded ones: a collective every rank must call)."""
+        tracked, training = self._tracked(module), self.training_tensors(module)
+        return {n: gather_full(tracked[n], training[n]) for n in self.shadow}
 
     @torch.no_grad()
     def copy_ema_to(self, target: nn.Module, source: nn.Module) -> None:
@@ -264,18 +277,19 @@ class ShadowStore:
 
     @torch.no_grad()
     def load_state_(self, module: nn.Module, ema: Mapping[str, Tensor], training: Mapping[str, Tensor] | None) -> None:
-        """Restores the averages (and the module's training weights when given) from a checkpoint, exactly.
+        """Restores the averages (and the module's training weights when given) from full tensors, exactly.
 
-        Shapes and dtypes must match the store (a float32 average is never loaded from a rounded copy).
+        Shapes and dtypes must match the store (a float32 average is never loaded from a rounded copy). Sharded
+        parameters take their local slice of each full tensor, so a checkpoint loads at another world size too.
         """
         self.wait()
         self.ema_in_model = False
         self._stash.clear()
-        live = self._live(module)
+        tracked, live = self._tracked(module), self._live(module)
         for name, shadow in self.shadow.items():
-            shadow.copy_(ema[name])
+            shadow.copy_(shard_like(tracked[name], ema[name]))
             if training is not None:
-                live[name].copy_(training[name])
+                live[name].copy_(shard_like(tracked[name], training[name]))
 
     def _require_training_in_model(self, action: str) -> None:
         if self.ema_in_model:

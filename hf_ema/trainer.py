@@ -109,12 +109,15 @@ class EMATrainer(Trainer):
             raise
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        # The sidecar goes in first, so the checkpoint is never pushed, rotated or left by a crash without it.
+        # The sidecar goes in first, so the checkpoint is never pushed, rotated or left by a crash without it. The
+        # whole save runs under the weights the model files should hold: with FSDP's SHARDED_STATE_DICT the model
+        # is written by the optimizer-state path, not save_model.
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         self._ema_callback.save_state(folder, self.args, self.state)
         self._ema_in_checkpoint = True
         try:
-            super()._save_checkpoint(model, trial)
+            with self._weights_to_save():
+                super()._save_checkpoint(model, trial)
         finally:
             self._ema_in_checkpoint = False
 

@@ -1,0 +1,221 @@
+"""Runs under `torchrun --nproc_per_node 2` (gloo, CPU) for tests/test_distributed.py; writes each rank's results.
+
+python -m torch.distributed.run --nproc_per_node 2 tests/distributed/worker.py ddp OUT KIND [RESUME_FROM]
+python -m torch.distributed.run --nproc_per_node 2 tests/distributed/worker.py fsdp2 OUT
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
+
+from conftest import Recorder, RegressionDataset, TinyConfig, TinyModel, make_args, state_of  # noqa: E402
+
+
+def ddp(out: str, kind: str, resume_from: str | None) -> None:
+    from transformers import Trainer
+
+    from hf_ema import EMAArguments, EMACallback, EMATrainer
+
+    recorder = Recorder()
+    ema_args = EMAArguments(half_life="4ba", update_interval="3ba")
+    common = dict(
+        model=TinyModel(TinyConfig()),
+        args=make_args(
+            out,
+            num_train_epochs=2,
+            save_strategy="steps",
+            save_steps=4,
+            eval_strategy="steps",
+            eval_steps=2,
+        ),
+        train_dataset=RegressionDataset(32, seed=0),
+        eval_dataset=RegressionDataset(16, seed=1),
+    )
+    if kind == "ema_trainer":
+        trainer = EMATrainer(callbacks=[recorder], ema_args=ema_args, **common)
+        callback = trainer.ema_callback
+    else:
+        callback = EMACallback(ema_args)
+        trainer = Trainer(callbacks=[recorder, callback], **common)
+    trainer.train(resume_from_checkpoint=resume_from)
+    rank = trainer.args.process_index
+    torch.save(
+        {
+            "world_size": trainer.args.world_size,
+            "weights": recorder.weights,
+            "ema": state_of(callback.ema_model()),
+            "training": state_of(callback.training_model()),
+            "num_updates": callback.num_updates,
+            "log_history": trainer.state.log_history,
+            "steps": trainer.state.global_step,
+        },
+        os.path.join(out, f"{'resumed' if resume_from else 'full'}-rank{rank}.pt"),
+    )
+
+
+def fsdp2(out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from hf_ema import EMACallback
+    from hf_ema.shadow import ShadowStore
+    from hf_ema.time import Clock
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
+        for layer in model:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+
+    def full_weights(model):
+        return {n: p.full_tensor().detach().double().clone() for n, p in model.named_parameters()}
+
+    model = build()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    callback = EMACallback()
+    callback.model = model
+    callback.store = ShadowStore(model)
+    callback.schedule.start(Clock(), 0)
+    local_before = {n: t.clone() for n, t in callback.store.shadow.items()}
+    weights = {0: full_weights(model)}
+    generator = torch.Generator().manual_seed(rank)
+    for step in range(1, 7):
+        x, y = torch.randn(4, 6, generator=generator), torch.randn(4, 3, generator=generator)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        weights[step] = full_weights(model)
+        callback.store.update_(model, 0.7)
+    local_shapes = {n: tuple(t.shape) for n, t in callback.store.shadow.items()}
+    full_ema = {n: t.double() for n, t in callback.store.full_ema(model).items()}
+
+    callback.store.swap_in(model)
+    swapped = full_weights(model)
+    callback.store.swap_out(model)
+    restored = full_weights(model)
+
+    args = SimpleNamespace(should_save=rank == 0)
+    path = callback.save_state(out, args, SimpleNamespace(global_step=6))
+
+    fresh = build()
+    resumed = EMACallback()
+    resumed.model = fresh
+    resumed._load_state(out, fresh, expected_step=6)
+    reloaded_ema = {n: t.double() for n, t in resumed.store.full_ema(fresh).items()}
+    reloaded_training = full_weights(fresh)
+    torch.save(
+        {
+            "weights": weights,
+            "full_ema": full_ema,
+            "swapped": swapped,
+            "restored": restored,
+            "local_shapes": local_shapes,
+            "local_before": {n: tuple(t.shape) for n, t in local_before.items()},
+            "fingerprint": callback.store.fingerprint(),
+            "wrote": path,
+            "reloaded_ema": reloaded_ema,
+            "reloaded_training": reloaded_training,
+        },
+        os.path.join(out, f"fsdp2-rank{rank}.pt"),
+    )
+    dist.destroy_process_group()
+
+
+def force_fsdp_on_cpu() -> None:
+    """accelerate enables FSDP only for GPU-like devices; on CPU (gloo) set its distributed type by hand."""
+    import accelerate.state as accelerate_state
+    from accelerate.utils import DistributedType
+
+    original = accelerate_state.AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    accelerate_state.AcceleratorState.__init__ = init
+
+
+def trainer_fsdp2(out: str, resume_from: str | None, on_gpu: bool = False) -> None:
+    """EMATrainer with FSDP2 through accelerate.
+
+    On CPU the distributed type is forced and checkpoints use SHARDED_STATE_DICT (the FULL one cannot save on CPU,
+    with or without EMA, in transformers 5.24 / accelerate 1.15). On a GPU (tests/gpu/run.sh) it is the real thing,
+    with FULL_STATE_DICT, and the checkpoint's model.safetensors is compared with the gathered EMA.
+    """
+    if not on_gpu:
+        force_fsdp_on_cpu()
+    from helpers import tiny_llama
+
+    from hf_ema import EMAArguments, EMATrainer
+
+    tokens = torch.randint(0, 64, (32, 12), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": t, "labels": t} for t in tokens]
+    args = make_args(
+        out,
+        num_train_epochs=2,
+        save_strategy="steps",
+        save_steps=4,
+        eval_strategy="steps",
+        eval_steps=2,
+        learning_rate=0.5,
+        use_cpu=not on_gpu,
+        fsdp="full_shard",
+        fsdp_config={"version": 2, "state_dict_type": "FULL_STATE_DICT" if on_gpu else "SHARDED_STATE_DICT"},
+    )
+    recorder = Recorder()
+    trainer = EMATrainer(
+        model=tiny_llama(), args=args, train_dataset=data, eval_dataset=data[:8], callbacks=[recorder],
+        ema_args=EMAArguments(half_life="4ba"),
+    )  # fmt: skip
+    assert trainer.is_fsdp_enabled
+    trainer.train(resume_from_checkpoint=resume_from)
+    callback = trainer.ema_callback
+    ema = {n: t.double() for n, t in callback.store.full_ema(trainer.model).items()}
+    training = {n: t.double() for n, t in callback.store.full_training(trainer.model).items()}
+    local = {n: tuple(t.shape) for n, t in callback.store.shadow.items()}
+    rank = trainer.args.process_index
+    if on_gpu and rank == 0:
+        from safetensors.torch import load_file
+
+        last = trainer.state.global_step
+        saved = load_file(os.path.join(out, f"checkpoint-{last}", "model.safetensors"))
+        worst = max((saved[n].double().cpu() - ema[n].cpu()).abs().max().item() for n in ema if n in saved)
+        print(f"GPU FSDP2: checkpoint-{last} model.safetensors vs gathered EMA: max abs diff {worst:.3e}", flush=True)
+    torch.save(
+        {
+            "sharded": callback._sharded,
+            "weights": recorder.weights,
+            "ema": ema,
+            "training": training,
+            "local_shapes": local,
+            "global_shapes": callback.store.global_shapes,
+            "names": callback.store.names(),
+            "shadow_numel": callback.store.numel(),
+            "trainable": {n: p.numel() for n, p in trainer.model.named_parameters() if p.requires_grad},
+            "steps": trainer.state.global_step,
+            "log_history": trainer.state.log_history,
+        },
+        os.path.join(out, f"fsdp2-trainer-{'resumed' if resume_from else 'full'}-rank{rank}.pt"),
+    )
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "ddp":
+        ddp(sys.argv[2], sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None)
+    elif sys.argv[1] in ("trainer_fsdp2", "gpu_fsdp2"):
+        trainer_fsdp2(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None, on_gpu=sys.argv[1] == "gpu_fsdp2")
+    else:
+        fsdp2(sys.argv[2])
