@@ -174,3 +174,36 @@ def test_ema_trainer_exports_parameter_dtype(tmp_path):
     trainer.train()
     trainer.save_model(str(tmp_path / "out"))
     assert {t.dtype for t in load_file(tmp_path / "out" / "model.safetensors").values()} == {torch.bfloat16}
+
+
+def test_resnet_batchnorm2d_running_stats(tmp_path):
+    """A convnet from a config: BatchNorm2d running stats averaged against float64, counters copied."""
+    from conftest import Recorder, make_args
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    model = ResNetForImageClassification(
+        ResNetConfig(
+            num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3
+        )
+    )
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(16, 1, 8, 8, generator=generator)
+    data = [{"pixel_values": images[i], "labels": torch.tensor(i % 3)} for i in range(16)]
+    recorder = Recorder()
+    trainer = EMATrainer(
+        model=model,
+        args=make_args(tmp_path, learning_rate=0.1),
+        train_dataset=data,
+        callbacks=[recorder],
+        ema_args=EMAArguments(half_life="2ba"),
+    )
+    trainer.train()
+    steps = trainer.state.global_step
+    reference = reference_ema(recorder.weights, 0, [(k, 2 ** (-1 / 2)) for k in range(1, steps + 1)])
+    ema = trainer.ema_model
+    assert_close(state_of(ema), reference, rtol=1e-5, atol=1e-6)
+    stats = [n for n in trainer.ema_callback.store.names() if n.endswith("running_var")]
+    assert len(stats) >= 4  # every BatchNorm2d's statistics are averaged
+    counters = {n: b for n, b in ema.named_buffers() if n.endswith("num_batches_tracked")}
+    assert counters and all(b.item() == steps for b in counters.values())

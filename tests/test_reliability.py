@@ -256,3 +256,11 @@ def test_changed_settings_on_resume_warn(tmp_path, caplog):
         resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-8"))
     assert "The EMA settings differ" in caplog.text and "'half_life': '8ba'" in caplog.text
     assert callback.num_updates == 16  # the counters carried over
+
+
+def test_evaluate_before_training_says_so_once(tmp_path, caplog):
+    trainer, _, _ = build(tmp_path, EMAArguments(half_life="4ba"))
+    with caplog.at_level(logging.INFO, logger="hf_ema.callback"):
+        trainer.evaluate()
+        trainer.evaluate()
+    assert caplog.text.count("EMA averaging has not started yet; using the training weights.") == 1
