@@ -113,13 +113,16 @@ class Recorder(TrainerCallback):
     def __init__(self):
         self.weights: dict[int, dict[str, torch.Tensor]] = {}
         self.epochs: dict[int, float] = {}
+        self.tokens: dict[int, int] = {}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.weights.setdefault(state.global_step, state_of(model))
+        self.tokens.setdefault(state.global_step, int(state.num_input_tokens_seen or 0))
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.weights[state.global_step] = state_of(model)
         self.epochs[state.global_step] = state.epoch
+        self.tokens[state.global_step] = int(state.num_input_tokens_seen or 0)
 
 
 def reference_ema(weights: dict[int, dict[str, torch.Tensor]], start: int, updates: list[tuple[int, float]]):
