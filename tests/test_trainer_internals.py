@@ -1,0 +1,40 @@
+"""The Trainer internals hf-ema relies on. Private APIs move between transformers releases: each one used is checked
+here by name, so a move fails loudly with the name of what moved (the behaviour tests would fail too, less clearly)."""
+
+import inspect
+
+from accelerate.optimizer import AcceleratedOptimizer
+from transformers import Trainer, TrainerCallback, TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from hf_ema import callback as callback_module
+
+
+def parameters(function):
+    return list(inspect.signature(function).parameters)
+
+
+def test_private_trainer_methods_overridden_or_called():
+    assert parameters(Trainer._save_checkpoint)[:3] == ["self", "model", "trial"]  # EMATrainer._save_checkpoint
+    assert parameters(Trainer._save)[:3] == ["self", "output_dir", "state_dict"]  # EMATrainer._save
+    assert parameters(Trainer._get_output_dir)[:2] == ["self", "trial"]  # sidecar folder of a checkpoint
+    loop = parameters(Trainer.evaluation_loop)  # ema_eval_training_weights
+    for name in ("dataloader", "description", "prediction_loss_only", "ignore_keys", "metric_key_prefix"):
+        assert name in loop, name
+    assert parameters(Trainer.evaluate)[:4] == ["self", "eval_dataset", "ignore_keys", "metric_key_prefix"]
+    assert "logs" in parameters(Trainer.log)
+
+
+def test_callback_hooks_and_state_fields():
+    for hook in ("on_train_begin", "on_step_begin", "on_pre_optimizer_step", "on_step_end", "on_epoch_end",
+                 "on_evaluate", "on_save", "on_push_begin", "on_train_end"):  # fmt: skip
+        assert callable(getattr(TrainerCallback, hook, None)), hook
+    state = TrainerState()
+    for field in ("global_step", "epoch", "max_steps", "num_train_epochs", "num_input_tokens_seen",
+                  "train_batch_size", "trial_name", "best_model_checkpoint"):  # fmt: skip
+        assert hasattr(state, field), field
+
+
+def test_checkpoint_folder_name_and_skipped_steps():
+    assert callback_module.PREFIX_CHECKPOINT_DIR == PREFIX_CHECKPOINT_DIR
+    assert isinstance(inspect.getattr_static(AcceleratedOptimizer, "step_was_skipped"), property)
