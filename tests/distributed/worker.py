@@ -107,6 +107,7 @@ def fsdp2(out: str) -> None:
 
     args = SimpleNamespace(should_save=rank == 0)
     path = callback.save_state(out, args, SimpleNamespace(global_step=6))
+    dist.barrier()  # rank 0 writes; the others read it next (a resuming run starts after the save, as here)
 
     fresh = build()
     resumed = EMACallback()
