@@ -213,6 +213,16 @@ def trainer_fsdp2(out: str, resume_from: str | None, on_gpu: bool = False) -> No
     )
 
 
+def shut_down() -> None:
+    """Leaves the process group cleanly: an undestroyed gloo group can abort the process at exit ("terminate called
+    without an active exception"), failing the launch after the work is done."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "ddp":
         ddp(sys.argv[2], sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None)
@@ -220,3 +230,4 @@ if __name__ == "__main__":
         trainer_fsdp2(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None, on_gpu=sys.argv[1] == "gpu_fsdp2")
     else:
         fsdp2(sys.argv[2])
+    shut_down()
