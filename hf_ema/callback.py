@@ -77,7 +77,6 @@ class EMACallback(TrainerCallback):
         self.schedule = self._new_schedule()
         self.store: ShadowStore | None = None
         self.model: nn.Module | None = None
-        self._args: TrainingArguments | None = None
         self._window = False  # EMA swapped in by the callback for a training-time evaluation or save
         self._sidecar_step: int | None = None
         self._managed_by_trainer = False  # EMATrainer writes the sidecar itself, into the right run folder
@@ -186,7 +185,6 @@ class EMACallback(TrainerCallback):
     # ---- Trainer hooks ----
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._args = args
         if self.store is not None and self.store.ema_in_model:
             if state.global_step > 0 or model is not self.model:
                 self.store.discard_swap()  # the model was reloaded or replaced; what it held is gone
@@ -315,9 +313,9 @@ class EMACallback(TrainerCallback):
             )
 
     def _advance(self, args: TrainingArguments, state: TrainerState) -> None:
-        before = self.schedule.state_dict()
+        before = self.schedule.state_dict() if self.ema_args.ema_skip_non_finite else None
         action = self.schedule.step(self._clock(args, state), state.global_step)
-        if isinstance(action, float) and self.ema_args.ema_skip_non_finite:
+        if isinstance(action, float) and before is not None:
             bad = self.store.non_finite_training(self.model)
             if self._sharded:  # each rank sees its shards: skip everywhere if any rank must
                 flag = torch.tensor(float(bad is not None), device=next(iter(self.store.shadow.values())).device)

@@ -16,14 +16,8 @@ __all__ = [
     "ema_update_",
     "exchange_",
     "first_non_finite",
-    "smoothing_from_half_life",
     "tracked_tensors",
 ]
-
-
-def smoothing_from_half_life(elapsed: float, half_life: float) -> float:
-    """Smoothing of one update after `elapsed` time, for a half-life in the same unit: `2 ** (-elapsed / half_life)`."""
-    return 2.0 ** (-elapsed / half_life)
 
 
 def _groups(*lists: Sequence[Tensor]) -> dict[tuple, list[list[Tensor]]]:
@@ -50,16 +44,16 @@ def _lerp_upcast_(shadow: Sequence[Tensor], current: Sequence[Tensor], weight: f
     scratch = torch.empty(SCRATCH_NUMEL, dtype=shadow[0].dtype, device=shadow[0].device)
     targets: list[Tensor] = []
     sources: list[Tensor] = []
+    staged: list[Tensor] = []  # slices of the scratch, one per source
     used = 0
 
     def flush() -> None:
         nonlocal used
         if targets:
-            staged = [scratch[offset : offset + t.numel()] for offset, t in _offsets(sources)]
             torch._foreach_copy_(staged, sources)
             torch._foreach_lerp_(targets, staged, weight)
-        targets.clear()
-        sources.clear()
+        for batch in (targets, sources, staged):
+            batch.clear()
         used = 0
 
     for ema, live in zip(shadow, current, strict=True):
@@ -74,15 +68,9 @@ def _lerp_upcast_(shadow: Sequence[Tensor], current: Sequence[Tensor], weight: f
                 flush()
             targets.append(ema_flat[start : start + size])
             sources.append(live_flat[start : start + size])
+            staged.append(scratch[used : used + size])
             used += size
     flush()
-
-
-def _offsets(tensors: Sequence[Tensor]) -> Iterator[tuple[int, Tensor]]:
-    offset = 0
-    for tensor in tensors:
-        yield offset, tensor
-        offset += tensor.numel()
 
 
 @torch.no_grad()

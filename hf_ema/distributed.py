@@ -17,20 +17,24 @@ except ImportError:  # pragma: no cover - torch without distributed tensors
     DTensor, distribute_tensor = None, None
 
 
-def reshard_(module: nn.Module) -> None:
+def fsdp_modules(module: nn.Module) -> list[nn.Module]:
+    """The FSDP2 (`fully_shard`) modules inside `module`, empty without FSDP2."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return []
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
+def reshard_(modules: list[nn.Module]) -> None:
     """Makes FSDP2 modules register their sharded parameters again.
 
     After a forward without backward (evaluation), FSDP2 can leave a module's parameters unsharded: plain tensors
     gathered before the optimizer step, no longer the ones it updates. Resharding frees them and registers the
     sharded DTensors again (the next forward gathers them, as it would have after a training step).
     """
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without FSDP2
-        return
-    for submodule in module.modules():
-        if isinstance(submodule, FSDPModule):
-            submodule.reshard()
+    for submodule in modules:
+        submodule.reshard()
 
 
 def is_sharded(tensor: Tensor) -> bool:
@@ -40,10 +44,6 @@ def is_sharded(tensor: Tensor) -> bool:
 def local_view(tensor: Tensor) -> Tensor:
     """The tensor this rank holds: a DTensor's local shard (sharing its storage), else the tensor itself."""
     return tensor.to_local() if is_sharded(tensor) else tensor
-
-
-def global_shape(tensor: Tensor) -> tuple[int, ...]:
-    return tuple(tensor.shape)
 
 
 @torch.no_grad()

@@ -13,6 +13,11 @@ START = "start"
 """`EMASchedule.step` returns this when the shadow is to be set to the current weights."""
 
 
+def smoothing_from_half_life(elapsed: float, half_life: float) -> float:
+    """Smoothing of one update after `elapsed` time, for a half-life in the same unit: `2 ** (-elapsed / half_life)`."""
+    return 2.0 ** (-elapsed / half_life)
+
+
 @dataclass
 class EMASchedule:
     """The EMA schedule of DESIGN.md section 2, with its counters.
@@ -62,7 +67,7 @@ class EMASchedule:
             return None
         if self.half_life is not None:
             elapsed = clock[self.half_life.unit] - self.last_clock[self.half_life.unit]
-            smoothing = 2.0 ** (-max(elapsed, 0.0) / self.half_life.value)
+            smoothing = smoothing_from_half_life(max(elapsed, 0.0), self.half_life.value)
         else:
             smoothing = float(self.smoothing)
         self.last_clock, self.last_step = clock, step

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .core import ema_update_, exchange_, first_non_finite, tracked_tensors
-from .distributed import gather_full, local_view, reshard_, shard_like
+from .distributed import fsdp_modules, gather_full, local_view, reshard_, shard_like
 
 SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 
@@ -56,6 +56,8 @@ class ShadowStore:
     ) -> None:
         self.ema_dtype, self.buffers = ema_dtype, buffers
         self.device = torch.device(device) if device is not None else None
+        # Found once for the trained model, so the per-update path does not search the module tree for them.
+        self._source_id, self._source_fsdp = id(module), fsdp_modules(module)
         self.global_shapes = {n: tuple(t.shape) for n, t in self._tracked(module).items()}
         live = self._live(module, check=False)
         self.shadow: dict[str, Tensor] = {}
@@ -94,7 +96,7 @@ class ShadowStore:
 
     def _tracked(self, module: nn.Module) -> dict[str, Tensor]:
         """The averaged tensors as the model holds them (DTensors for sharded parameters)."""
-        reshard_(module)
+        reshard_(self._source_fsdp if id(module) == self._source_id else fsdp_modules(module))
         return {n: t for n, t, kind in tracked_tensors(module, buffers=self.buffers) if kind == "average"}
 
     def _live(self, module: nn.Module, check: bool = True) -> dict[str, Tensor]:

@@ -65,7 +65,7 @@ class RegressionDataset(torch.utils.data.Dataset):
         return {"x": self.x[i], "labels": self.y[i]}
 
 
-def make_args(output_dir, **overrides) -> TrainingArguments:
+def make_args(output_dir, args_class=TrainingArguments, **overrides) -> TrainingArguments:
     defaults = dict(
         output_dir=str(output_dir),
         use_cpu=True,
@@ -85,7 +85,7 @@ def make_args(output_dir, **overrides) -> TrainingArguments:
         dataloader_num_workers=0,
     )
     defaults.update(overrides)
-    return TrainingArguments(**defaults)
+    return args_class(**defaults)
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from hf_ema import compute_ema
-from hf_ema.core import ema_update_, exchange_, smoothing_from_half_life, tracked_tensors
+from hf_ema.core import ema_update_, exchange_, tracked_tensors
+from hf_ema.schedule import smoothing_from_half_life
 from hf_ema.shadow import ShadowStore
 
 

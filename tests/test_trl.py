@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import Recorder, reference_ema, state_of
+from conftest import Recorder, make_args, reference_ema, state_of
 from helpers import tiny_llama
 
 from hf_ema import EMAArguments, EMACallback
@@ -30,21 +30,12 @@ def sft_trainer(out, ema_args, recorder):
     texts = [
         " ".join(f"w{int(i)}" for i in torch.randint(0, 61, (6 + k % 5,), generator=generator)) for k in range(32)
     ]
-    args = trl.SFTConfig(
-        output_dir=str(out),
-        use_cpu=True,
-        report_to="none",
-        per_device_train_batch_size=4,
-        num_train_epochs=1,
-        learning_rate=0.05,
-        optim="sgd",
-        lr_scheduler_type="constant",
+    args = make_args(
+        out,
+        args_class=trl.SFTConfig,
         save_strategy="steps",
         save_steps=4,
-        logging_strategy="no",
-        disable_tqdm=True,
         max_length=16,
-        seed=0,
         include_num_input_tokens_seen=True,
     )
     callback = EMACallback(ema_args)

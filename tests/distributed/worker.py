@@ -16,6 +16,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
 
 from conftest import Recorder, RegressionDataset, TinyConfig, TinyModel, make_args, state_of  # noqa: E402
 
+# Both Trainer workers: 2 epochs, a checkpoint every 4 steps, an evaluation every 2.
+SCHEDULE = dict(num_train_epochs=2, save_strategy="steps", save_steps=4, eval_strategy="steps", eval_steps=2)
+
 
 def ddp(out: str, kind: str, resume_from: str | None) -> None:
     from transformers import Trainer
@@ -26,14 +29,7 @@ def ddp(out: str, kind: str, resume_from: str | None) -> None:
     ema_args = EMAArguments(half_life="4ba", update_interval="3ba")
     common = dict(
         model=TinyModel(TinyConfig()),
-        args=make_args(
-            out,
-            num_train_epochs=2,
-            save_strategy="steps",
-            save_steps=4,
-            eval_strategy="steps",
-            eval_steps=2,
-        ),
+        args=make_args(out, **SCHEDULE),
         train_dataset=RegressionDataset(32, seed=0),
         eval_dataset=RegressionDataset(16, seed=1),
     )
@@ -166,11 +162,7 @@ def trainer_fsdp2(out: str, resume_from: str | None, on_gpu: bool = False) -> No
     data = [{"input_ids": t, "labels": t} for t in tokens]
     args = make_args(
         out,
-        num_train_epochs=2,
-        save_strategy="steps",
-        save_steps=4,
-        eval_strategy="steps",
-        eval_steps=2,
+        **SCHEDULE,
         learning_rate=0.5,
         use_cpu=not on_gpu,
         fsdp="full_shard",
