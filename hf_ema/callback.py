@@ -15,7 +15,20 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from . import __version__
 from .arguments import EMAArguments
-from .checkpoint import SIDECAR_NAME, EMAStateError, check_fingerprint, load_sidecar, save_sidecar, sidecar_path
+from .checkpoint import (
+    SHARDED_SIDECAR_NAME,
+    SIDECAR_NAME,
+    EMAStateError,
+    check_fingerprint,
+    has_sidecar,
+    load_sharded_tensors,
+    load_sidecar,
+    read_sharded_meta,
+    save_sharded_sidecar,
+    save_sidecar,
+    sharded_sidecar_path,
+    sidecar_path,
+)
 from .core import first_non_finite
 from .distributed import check_backend
 from .schedule import START, EMASchedule
@@ -36,8 +49,9 @@ class EMACallback(TrainerCallback):
       `EMAArguments` (never per micro-batch; optimizer steps that were skipped do not update it);
     - swaps the EMA weights into the model, in place, for the evaluations and checkpoints the Trainer runs during
       training, and swaps the training weights back afterwards;
-    - writes `ema_state.safetensors` into each checkpoint (before the Trainer writes the model files) and reads it
-      back on resume, so the average continues exactly;
+    - writes the EMA state into each checkpoint (before the Trainer writes the model files): `ema_state.safetensors`,
+      or `ema_state/` sharded by rank for FSDP2 and DeepSpeed ZeRO-3, and reads it back on resume, so the average
+      continues exactly;
     - leaves the EMA weights in the model when training ends (the training weights stay available through
       `training_model()` / `training_weights()`, and a later `train()` continues from them).
 
@@ -135,6 +149,7 @@ class EMACallback(TrainerCallback):
     def ema_model(self, model: nn.Module | None = None) -> nn.Module:
         """A new, independent module holding the EMA weights (the training weights before averaging starts)."""
         model = self._resolve(model)
+        self._refuse_copy_of_zero3("ema_model()", "ema_weights()")
         copied = copy.deepcopy(model)
         if self.started:
             self.store.copy_ema_to(copied, model)
@@ -143,6 +158,7 @@ class EMACallback(TrainerCallback):
     def training_model(self, model: nn.Module | None = None) -> nn.Module:
         """A new, independent module holding the training weights."""
         model = self._resolve(model)
+        self._refuse_copy_of_zero3("training_model()", "training_weights()")
         copied = copy.deepcopy(model)
         if self.started:
             self.store.copy_training_to(copied, model)
@@ -155,32 +171,38 @@ class EMACallback(TrainerCallback):
             self.store.swap_out(self.model)
 
     def save_state(self, checkpoint_dir: str, args: TrainingArguments, state: TrainerState) -> str | None:
-        """Writes the EMA sidecar for the checkpoint of `state.global_step` into `checkpoint_dir`.
+        """Writes the EMA state for the checkpoint of `state.global_step` into `checkpoint_dir`.
 
-        Every rank must call it (sharded averages are gathered, a collective); the main process writes. Returns the
-        file written, or None on other processes and when it was written for this step already.
+        Every rank must call it. Whole tensors (one device, DDP, ZeRO-1/2) go into `ema_state.safetensors`, written by
+        the main process; sharded ones (FSDP2, ZeRO-3) into the `ema_state/` folder, each rank writing its own shards
+        with torch.distributed.checkpoint. Returns the path written on the main process, else None (also when it was
+        written for this step already).
         """
         if self._sidecar_step == state.global_step:
             return None
         self._sidecar_step = state.global_step
         holds_ema = self.started and self.ema_args.ema_checkpoint_weights == "ema"
-        ema, training = {}, None
-        if self.started:
-            ema = self.store.full_ema(self.model)
-            self._check_finite(state, ema, f"The checkpoint in {checkpoint_dir} was not given EMA state")
-            if holds_ema:
-                training = self.store.full_training(self.model)
-        if not args.should_save:
+        self._check_finite(state, f"The checkpoint in {checkpoint_dir} was not given EMA state")
+        meta = self._sidecar_meta(state, holds_ema) if args.should_save else None
+        if self._sharded or (self.started and self.store.sharded):
+            tensors = self.store.sharded_state(self.model, holds_ema) if self.started else {}
+            return save_sharded_sidecar(checkpoint_dir, meta, tensors)
+        if meta is None:
             return None
-        meta = {
+        ema = self.store.ema_tensors(self.model) if self.started else {}
+        training = self.store.training_tensors(self.model) if holds_ema else None
+        return save_sidecar(checkpoint_dir, meta, ema, training)
+
+    def _sidecar_meta(self, state: TrainerState, holds_ema: bool) -> dict:
+        return {
             "hf_ema_version": __version__,
             "global_step": state.global_step,
             "schedule": self.schedule.state_dict(),
             "ema_args": self.ema_args.to_dict(),
             "model_files": "ema" if holds_ema else "training",
             "fingerprint": self.store.fingerprint() if self.started else None,
+            "flat_names": self.store.flat_names if self.started else [],
         }
-        return save_sidecar(checkpoint_dir, meta, ema, training)
 
     # ---- Trainer hooks ----
 
@@ -196,7 +218,7 @@ class EMACallback(TrainerCallback):
         self.store, self._window, self._sidecar_step = None, False, None
         self.schedule = self._new_schedule()
         self._check_units(args, state)
-        self._sharded = check_backend(model, getattr(args, "deepspeed", None)) == "sharded"
+        self._sharded = self._check_backend(args, model) == "sharded"
         if state.global_step > 0:
             self._resume(args, state, model)
         elif self.schedule.starts_at_zero:
@@ -253,9 +275,7 @@ class EMACallback(TrainerCallback):
         else:
             self._close_window()
         if self.started:
-            self._check_finite(
-                state, None, "The EMA weights were not put into the model; it holds the training weights"
-            )
+            self._check_finite(state, "The EMA weights were not put into the model; it holds the training weights")
             self.store.swap_in(model)  # what the user does next (save, push, evaluate) uses the EMA
 
     # ---- internals ----
@@ -274,6 +294,29 @@ class EMACallback(TrainerCallback):
         if model is None:
             raise RuntimeError("EMACallback has no model yet: pass `model`, or call this after `trainer.train()`.")
         return model
+
+    def _check_backend(self, args: TrainingArguments, model: nn.Module) -> str:
+        config = deepspeed_config(args)
+        layout = check_backend(model, config)
+        zero = (config or {}).get("zero_optimization") or {}
+        gathers = zero.get("stage3_gather_16bit_weights_on_model_save", zero.get("gather_16bit_weights_on_model_save"))
+        if zero.get("stage") == 3 and not gathers and not self._managed_by_trainer:
+            raise ValueError(
+                "DeepSpeed ZeRO-3 with stage3_gather_16bit_weights_on_model_save=false: the stock Trainer's "
+                "save_model() then writes a DeepSpeed checkpoint, whose weights (zero_to_fp32.py) are the "
+                'optimizer\'s training weights, not the EMA. Set "stage3_gather_16bit_weights_on_model_save": true '
+                "in zero_optimization (model files then hold the EMA), or use EMATrainer, which writes the EMA "
+                "model files either way."
+            )
+        return layout
+
+    def _refuse_copy_of_zero3(self, call: str, instead: str) -> None:
+        if self.store is not None and self.store.zero3:
+            raise RuntimeError(
+                f"{call} cannot copy a DeepSpeed ZeRO-3 model: each rank holds only its partitions. Run the code "
+                f"inside `with callback.{instead}:` (every rank), or save the weights with save_model() and load them "
+                "with from_pretrained()."
+            )
 
     def _clock(self, args: TrainingArguments, state: TrainerState) -> Clock:
         per_device = state.train_batch_size or args.per_device_train_batch_size
@@ -316,11 +359,7 @@ class EMACallback(TrainerCallback):
         before = self.schedule.state_dict() if self.ema_args.ema_skip_non_finite else None
         action = self.schedule.step(self._clock(args, state), state.global_step)
         if isinstance(action, float) and before is not None:
-            bad = self.store.non_finite_training(self.model)
-            if self._sharded:  # each rank sees its shards: skip everywhere if any rank must
-                flag = torch.tensor(float(bad is not None), device=next(iter(self.store.shadow.values())).device)
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-                bad = bad or ("a tensor on another rank" if flag.item() else None)
+            bad = self._on_any_rank(self.store.non_finite_training(self.model))  # skip everywhere if any rank must
             if bad is not None:
                 self.schedule.load_state_dict(before)  # the next update spans this step's time too
                 logger.warning(
@@ -334,12 +373,23 @@ class EMACallback(TrainerCallback):
         elif action is not None:
             self.store.update_(self.model, action)
 
-    def _check_finite(self, state: TrainerState, ema: dict | None, consequence: str) -> None:
+    def _on_any_rank(self, bad: str | None) -> str | None:
+        """`bad` (a tensor name or None) from this rank, or a placeholder if another rank of a sharded model has one."""
+        if not self._sharded or not torch.distributed.is_initialized():
+            return bad
+        device = next(iter(self.store.shadow.values())).device
+        if torch.distributed.get_backend() == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        flag = torch.tensor(float(bad is not None), device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bad or ("a tensor shard on another rank" if flag.item() else None)
+
+    def _check_finite(self, state: TrainerState, consequence: str) -> None:
+        """Raises if the average holds NaN or Inf (on any rank's shards): one host sync, at checkpoints and the end."""
         if not self.started:
             return
-        if ema is None:
-            ema = self.store.full_ema(self.model)
-        bad = first_non_finite(list(ema), list(ema.values()))
+        ema = self.store.ema_tensors(self.model)
+        bad = self._on_any_rank(first_non_finite(list(ema), list(ema.values())))
         if bad is None:
             return
         raise FloatingPointError(
@@ -385,7 +435,7 @@ class EMACallback(TrainerCallback):
 
     def _resume(self, args: TrainingArguments, state: TrainerState, model: nn.Module) -> None:
         folder = self._checkpoint_folder(args, state)
-        if not os.path.isfile(sidecar_path(folder)):
+        if not has_sidecar(folder):
             if not os.path.isdir(folder):
                 problem = (
                     f"Resuming at step {state.global_step}, but the checkpoint folder {folder} does not exist, so its "
@@ -397,9 +447,9 @@ class EMACallback(TrainerCallback):
                 )
             else:
                 problem = (
-                    f"Resuming at step {state.global_step}, but {folder} has no {SIDECAR_NAME}: the checkpoint was "
-                    "saved without EMA (or its save was interrupted). Its model files may hold EMA weights, so "
-                    "training cannot safely continue from them."
+                    f"Resuming at step {state.global_step}, but {folder} has no {SIDECAR_NAME} (nor "
+                    f"{SHARDED_SIDECAR_NAME}/): the checkpoint was saved without EMA (or its save was interrupted). "
+                    "Its model files may hold EMA weights, so training cannot safely continue from them."
                 )
                 way_out = "Resume from a checkpoint written with EMA."
             if self.ema_args.ema_resume_without_state == "restart":
@@ -418,14 +468,16 @@ class EMACallback(TrainerCallback):
         except EMAStateError as error:
             raise EMAStateError(
                 f"{error} Resume from another checkpoint (or with the model and EMA settings it was trained with), or "
-                "delete the file and set EMAArguments(ema_resume_without_state='restart') to start a fresh average "
+                "delete its EMA state and set EMAArguments(ema_resume_without_state='restart') to start a fresh average "
                 "on purpose."
             ) from error
 
     def _load_state(self, folder: str, model: nn.Module, expected_step: int | None) -> None:
-        path = sidecar_path(folder)
-        sidecar = load_sidecar(folder)
-        meta = sidecar.meta
+        # A folder written sharded (FSDP2, ZeRO-3) or whole; either loads into either layout, at any world size.
+        sharded = os.path.isdir(sharded_sidecar_path(folder)) and not os.path.isfile(sidecar_path(folder))
+        path = sharded_sidecar_path(folder) if sharded else sidecar_path(folder)
+        sidecar = None if sharded else load_sidecar(folder)
+        meta = read_sharded_meta(folder) if sharded else sidecar.meta
         if expected_step is not None and meta.get("global_step") != expected_step:
             raise EMAStateError(
                 f"{path} was written at step {meta.get('global_step')}, but the checkpoint resumes at step "
@@ -446,14 +498,21 @@ class EMACallback(TrainerCallback):
             return
         store = self._new_store(model)
         check_fingerprint(path, store.fingerprint(), meta["fingerprint"])
-        if meta["model_files"] == "ema" and sidecar.training is None:
-            raise EMAStateError(f"{path} says the model files hold EMA weights but has no training weights.")
-        store.load_state_(model, sidecar.ema, sidecar.training if meta["model_files"] == "ema" else None)
+        with_training = meta["model_files"] == "ema"
+        if sharded:
+            saved_flat = meta.get("flat_names", [])
+            tensors = store.empty_sharded_state(model, with_training, saved_flat)
+            load_sharded_tensors(folder, tensors)
+            store.load_sharded_(model, tensors, saved_flat)
+        else:
+            if with_training and sidecar.training is None:
+                raise EMAStateError(f"{path} says the model files hold EMA weights but has no training weights.")
+            store.load_state_(model, sidecar.ema, sidecar.training if with_training else None)
         self.schedule, self.store = schedule, store
 
     def _load_best(self, args: TrainingArguments, state: TrainerState, model: nn.Module) -> None:
         folder = state.best_model_checkpoint
-        if not os.path.isfile(sidecar_path(folder)):
+        if not has_sidecar(folder):
             logger.warning(
                 "load_best_model_at_end loaded %s, which has no %s; the model holds its model-file weights and the "
                 "EMA of the last step is dropped.",
@@ -464,6 +523,14 @@ class EMACallback(TrainerCallback):
             self.schedule = self._new_schedule()
             return
         self._load_state(folder, model, expected_step=None)
+
+
+def deepspeed_config(args: TrainingArguments) -> dict | None:
+    """The DeepSpeed config the Trainer trains with (its "auto" values filled in), or None without DeepSpeed."""
+    config = getattr(getattr(args, "hf_deepspeed_config", None), "config", None)
+    if config is None and isinstance(getattr(args, "deepspeed", None), dict):
+        config = args.deepspeed
+    return config
 
 
 def _is_best(args: TrainingArguments) -> bool:

@@ -1,17 +1,25 @@
 """The EMA sidecar of a checkpoint: file name, format version, atomic save, checked load.
 
-A checkpoint written with EMA holds `ema_state.safetensors` beside the model files. Its tensors are
-`ema/<name>` (the averages, in full shadow precision) and, when the model files hold the EMA weights,
-`training/<name>` (the training weights they cannot give back). Its safetensors metadata key `hf_ema` is a JSON
-document with the format version, the counters, the settings and a fingerprint of the tracked tensors.
+A checkpoint written with EMA holds its EMA state beside the model files, in one of two forms:
+
+- `ema_state.safetensors` (models whose parameters are whole on every rank: one device, DDP, DeepSpeed ZeRO-1/2).
+  Its tensors are `ema/<name>` (the averages, in full shadow precision) and, when the model files hold the EMA
+  weights, `training/<name>` (the training weights they cannot give back). Its safetensors metadata key `hf_ema` is
+  a JSON document with the format version, the counters, the settings and a fingerprint of the tracked tensors.
+- `ema_state/` (sharded models: FSDP2, DeepSpeed ZeRO-3): a torch.distributed.checkpoint folder with the same
+  tensor names, each rank writing its own shards (no gather), plus `hf_ema.json` holding the same JSON document.
+  It loads at another world size too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -19,8 +27,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 SIDECAR_NAME = "ema_state.safetensors"
+SHARDED_SIDECAR_NAME = "ema_state"
 FORMAT_VERSION = 1
 _METADATA_KEY = "hf_ema"
+_META_FILE = "hf_ema.json"
 
 
 class EMAStateError(ValueError):
@@ -38,6 +48,28 @@ class Sidecar:
 
 def sidecar_path(checkpoint_dir: str | os.PathLike) -> str:
     return os.path.join(os.fspath(checkpoint_dir), SIDECAR_NAME)
+
+
+def sharded_sidecar_path(checkpoint_dir: str | os.PathLike) -> str:
+    return os.path.join(os.fspath(checkpoint_dir), SHARDED_SIDECAR_NAME)
+
+
+def has_sidecar(checkpoint_dir: str | os.PathLike) -> bool:
+    """Whether the checkpoint holds EMA state, in either form."""
+    return os.path.isfile(sidecar_path(checkpoint_dir)) or os.path.isfile(
+        os.path.join(sharded_sidecar_path(checkpoint_dir), _META_FILE)
+    )
+
+
+def _fsync_dir(directory: str) -> None:
+    try:  # make a rename durable
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:  # some filesystems (and Windows) cannot fsync a folder
+        pass
 
 
 def save_sidecar(
@@ -68,15 +100,92 @@ def save_sidecar(
         if os.path.exists(temp):
             os.remove(temp)
         raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:  # some filesystems (and Windows) cannot fsync a folder
-        pass
+    _fsync_dir(directory)
     return final
+
+
+def save_sharded_sidecar(
+    checkpoint_dir: str | os.PathLike, meta: Mapping | None, state: Mapping[str, torch.Tensor]
+) -> str | None:
+    """Writes the sharded sidecar with torch.distributed.checkpoint: a collective every rank calls.
+
+    `state` maps `ema/<name>` and `training/<name>` to DTensors over this rank's shards (plain tensors for
+    replicated ones, which rank 0 writes). Each rank writes its own shards into a temporary folder; the main process
+    (the one given `meta`) adds `hf_ema.json` and renames the folder into place. A crash leaves no `ema_state/`
+    (or the previous complete one until the rename), never a partial one. Returns the folder on the main process.
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    directory = os.fspath(checkpoint_dir)
+    final, temp = sharded_sidecar_path(directory), os.path.join(directory, ".ema_state.tmp")
+    distributed = dist.is_available() and dist.is_initialized()
+    if meta is not None:
+        os.makedirs(directory, exist_ok=True)
+        shutil.rmtree(temp, ignore_errors=True)  # left by an earlier crash
+    if distributed:
+        dist.barrier()
+    with _single_process_quiet():
+        dcp.save(dict(state), storage_writer=dcp.FileSystemWriter(temp, sync_files=True), no_dist=not distributed)
+    if meta is not None:
+        with open(os.path.join(temp, _META_FILE), "w", encoding="utf-8") as handle:
+            json.dump({**meta, "format_version": FORMAT_VERSION}, handle, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        _fsync_dir(temp)
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(temp, final)
+        _fsync_dir(directory)
+    if distributed:
+        dist.barrier()  # every rank may read the sidecar after this
+    return final if meta is not None else None
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """Silences DCP's warning that it runs in one process: hf-ema asks for that on purpose (no process group)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (load|save) in a single process")
+        yield
+
+
+def read_sharded_meta(checkpoint_dir: str | os.PathLike) -> dict:
+    """The JSON document of a sharded sidecar, checked for its format version."""
+    path = os.path.join(sharded_sidecar_path(checkpoint_dir), _META_FILE)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            meta = json.load(handle)
+    except FileNotFoundError as error:
+        raise EMAStateError(f"{path} does not exist.") from error
+    except (OSError, ValueError) as error:
+        raise EMAStateError(
+            f"{path} is corrupt or truncated and cannot be read ({type(error).__name__}: {error})."
+        ) from error
+    _check_version(sharded_sidecar_path(checkpoint_dir), meta)
+    return meta
+
+
+def load_sharded_tensors(checkpoint_dir: str | os.PathLike, state: dict[str, torch.Tensor]) -> None:
+    """Fills `state` (DTensors or plain tensors laid out as this run holds them) from a sharded sidecar, in place;
+    a collective every rank calls. DCP reshards: the checkpoint may come from another world size."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    path = sharded_sidecar_path(checkpoint_dir)
+    distributed = dist.is_available() and dist.is_initialized()
+    try:
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=path, no_dist=not distributed)
+    except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
+        failures = getattr(error, "failures", None)  # DCP wraps each rank's exception, traceback and all
+        cause = next(iter(failures.values())) if failures else error
+        cause = cause[0] if isinstance(cause, tuple) else cause
+        raise EMAStateError(
+            f"{path} is corrupt, incomplete or does not hold what this model needs ({type(cause).__name__}: "
+            f"{str(cause)[:300]})."
+        ) from error
 
 
 def load_sidecar(checkpoint_dir: str | os.PathLike, device: torch.device | str = "cpu") -> Sidecar:
@@ -104,13 +213,17 @@ def load_sidecar(checkpoint_dir: str | os.PathLike, device: torch.device | str =
         raise EMAStateError(
             f"{path} is corrupt or truncated and cannot be read ({type(error).__name__}: {error})."
         ) from error
+    _check_version(path, meta)
+    return Sidecar(meta=meta, ema=ema, training=training if training else None)
+
+
+def _check_version(path: str, meta: dict) -> None:
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise EMAStateError(
             f"{path} has EMA state format version {version!r}, but this hf-ema reads versions up to "
             f"{FORMAT_VERSION}. Upgrade hf-ema to resume from it."
         )
-    return Sidecar(meta=meta, ema=ema, training=training if training else None)
 
 
 def check_fingerprint(path: str, expected: Mapping[str, list], found: Mapping[str, list]) -> None:

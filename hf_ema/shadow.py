@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -9,7 +10,19 @@ import torch
 from torch import Tensor, nn
 
 from .core import ema_update_, exchange_, first_non_finite, tracked_tensors
-from .distributed import fsdp_modules, gather_full, local_view, reshard_, shard_like
+from .distributed import (
+    as_dtensor,
+    from_dtensor,
+    fsdp_modules,
+    gather_full,
+    global_shape,
+    is_sharded,
+    is_zero3,
+    local_view,
+    refresh_,
+    reshard_,
+    shard_like,
+)
 
 SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 
@@ -58,7 +71,12 @@ class ShadowStore:
         self.device = torch.device(device) if device is not None else None
         # Found once for the trained model, so the per-update path does not search the module tree for them.
         self._source_id, self._source_fsdp = id(module), fsdp_modules(module)
-        self.global_shapes = {n: tuple(t.shape) for n, t in self._tracked(module).items()}
+        tracked = self._tracked(module)
+        self.global_shapes = {n: global_shape(t) for n, t in tracked.items()}
+        self.zero3 = any(is_zero3(t) for t in tracked.values())
+        self.sharded = any(is_sharded(t) for t in tracked.values())  # some rank holds only part of a tensor
+        # Saved flattened in sharded checkpoints (a ZeRO-3 partition is a slice of the flattened parameter).
+        self.flat_names = sorted(n for n, t in tracked.items() if is_zero3(t))
         live = self._live(module, check=False)
         self.shadow: dict[str, Tensor] = {}
         for name, tensor in live.items():
@@ -203,6 +221,7 @@ class ShadowStore:
             self._stash[name] = stash
             live[name].copy_(self.shadow[name])
         self.ema_in_model = True
+        self._refresh(module)
 
     @torch.no_grad()
     def swap_out(self, module: nn.Module) -> None:
@@ -216,6 +235,7 @@ class ShadowStore:
             live[name].copy_(self._stash.pop(name))
         self._stash.clear()
         self.ema_in_model = False
+        self._refresh(module)
 
     def discard_swap(self) -> None:
         """Forgets that EMA weights are in the model, after the model's weights were replaced from outside (a load).
@@ -292,6 +312,66 @@ class ShadowStore:
             shadow.copy_(shard_like(tracked[name], ema[name]))
             if training is not None:
                 live[name].copy_(shard_like(tracked[name], training[name]))
+        if training is not None:
+            self._refresh(module)
+
+    # ---- sharded checkpoints ----
+
+    def sharded_state(self, module: nn.Module, with_training: bool) -> dict[str, Tensor]:
+        """`ema/<name>` (and `training/<name>`) as DTensors over this rank's tensors, no copy: what a sharded sidecar
+        saves (torch.distributed.checkpoint). Replicated tensors stay plain."""
+        tracked, ema = self._tracked(module), self.ema_tensors(module)
+        state = {f"ema/{n}": as_dtensor(tracked[n], ema[n]) for n in self.shadow}
+        if with_training:
+            training = self.training_tensors(module)
+            state.update({f"training/{n}": as_dtensor(tracked[n], training[n]) for n in self.shadow})
+        return state
+
+    def empty_sharded_state(self, module: nn.Module, with_training: bool, saved_flat: list[str]) -> dict[str, Tensor]:
+        """Tensors for a sharded sidecar to be loaded into, newly allocated.
+
+        A tensor saved in the layout this run holds it in (both flat ZeRO-3 partitions, or both shaped) loads as this
+        rank's shard, resharded by DCP. One saved in the other layout (FSDP2 to ZeRO-3, ZeRO-3 to one device ...)
+        loads whole on every rank and is sliced by `load_sharded_`.
+        """
+        tracked, live = self._tracked(module), self._live(module)
+        flat, saved_flat = set(self.flat_names), set(saved_flat)
+        state = {}
+        for name, shadow in self.shadow.items():
+            kinds = [("ema", shadow)] + ([("training", live[name])] if with_training else [])
+            for kind, local in kinds:
+                if (name in flat) == (name in saved_flat):
+                    state[f"{kind}/{name}"] = as_dtensor(tracked[name], torch.zeros_like(local))
+                else:
+                    shape = (math.prod(self.global_shapes[name]),) if name in saved_flat else self.global_shapes[name]
+                    state[f"{kind}/{name}"] = torch.zeros(shape, dtype=local.dtype, device=local.device)
+        return state
+
+    @torch.no_grad()
+    def load_sharded_(self, module: nn.Module, state: Mapping[str, Tensor], saved_flat: list[str]) -> None:
+        """Restores the averages (and the training weights when `state` has them) from a loaded `empty_sharded_state`."""
+        self.wait()
+        self.ema_in_model = False
+        self._stash.clear()
+        tracked, live = self._tracked(module), self._live(module)
+        flat, saved_flat = set(self.flat_names), set(saved_flat)
+        with_training = any(key.startswith("training/") for key in state)
+
+        def local(name: str, loaded: Tensor) -> Tensor:
+            if (name in flat) == (name in saved_flat):
+                return from_dtensor(tracked[name], loaded)
+            return shard_like(tracked[name], loaded.reshape(self.global_shapes[name]))
+
+        for name, shadow in self.shadow.items():
+            shadow.copy_(local(name, state[f"ema/{name}"]))
+            if with_training:
+                live[name].copy_(local(name, state[f"training/{name}"]))
+        if with_training:
+            self._refresh(module)
+
+    def _refresh(self, module: nn.Module) -> None:
+        if self.zero3:  # forwards read the gathered copies of small ZeRO-3 parameters: re-gather them
+            refresh_(list(self._tracked(module).values()))
 
     def _require_training_in_model(self, action: str) -> None:
         if self.ema_in_model:

@@ -7,6 +7,7 @@ wrap the Trainer's public calls so they run under the EMA weights, and resolve t
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -19,6 +20,8 @@ from .arguments import EMAArguments
 from .callback import EMACallback
 
 EMA_TAGS = ["hf-ema", "ema"]
+
+logger = logging.getLogger(__name__)
 
 
 class EMATrainer(Trainer):
@@ -171,8 +174,35 @@ class EMATrainer(Trainer):
                 yield
 
     def save_model(self, *args: Any, **kwargs: Any) -> None:
-        with self._weights_to_save():
+        with self._weights_to_save(), self._zero3_gathers_on_save():
             super().save_model(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _zero3_gathers_on_save(self) -> Iterator[None]:
+        """Under DeepSpeed ZeRO-3, gathers the weights into model files even without
+        stage3_gather_16bit_weights_on_model_save.
+
+        Without it the Trainer writes only a DeepSpeed checkpoint, whose weights (zero_to_fp32.py) are the optimizer's
+        training weights: the EMA would be silently missing from the saved model. The gather is DeepSpeed's own
+        (`_zero3_consolidated_16bit_state_dict`, one parameter at a time, onto rank 0).
+        """
+        engine = self.model_wrapped if self.is_deepspeed_enabled else None
+        zero = getattr(getattr(engine, "_config", None), "zero_config", None)
+        if zero is None or zero.stage != 3 or zero.gather_16bit_weights_on_model_save:
+            yield
+            return
+        if not getattr(self, "_ema_told_zero3_gather", False) and self.is_world_process_zero():
+            self._ema_told_zero3_gather = True
+            logger.warning(
+                "DeepSpeed ZeRO-3 runs with stage3_gather_16bit_weights_on_model_save=false; EMATrainer gathers the "
+                "weights anyway so that saved model files hold the EMA (one parameter at a time onto rank 0). Set it "
+                "to true to silence this."
+            )
+        zero.gather_16bit_weights_on_model_save = True
+        try:
+            yield
+        finally:
+            zero.gather_16bit_weights_on_model_save = False
 
     def _save(self, *args: Any, **kwargs: Any) -> None:
         with self._weights_to_save():

@@ -89,15 +89,20 @@ def make_args(output_dir, args_class=TrainingArguments, **overrides) -> Training
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: sharded parameters (FSDP2 DTensors) are gathered, a collective every rank runs."""
+    """The whole tensor: sharded parameters (FSDP2 DTensors, DeepSpeed ZeRO-3 partitions) are gathered by their own
+    library, a collective every rank runs."""
+    if hasattr(tensor, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([tensor]):
+            return tensor.detach().clone()
+    tensor = tensor.detach()
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def state_of(module: nn.Module) -> dict[str, torch.Tensor]:
     """Float64 copies of a module's trainable parameters and float buffers, keyed by name (sharded ones gathered)."""
-    out = {
-        n: _full(p.detach()).to("cpu", torch.float64).clone() for n, p in module.named_parameters() if p.requires_grad
-    }
+    out = {n: _full(p).to("cpu", torch.float64).clone() for n, p in module.named_parameters() if p.requires_grad}
     out.update(
         {n: b.detach().to("cpu", torch.float64).clone() for n, b in module.named_buffers() if b.is_floating_point()}
     )

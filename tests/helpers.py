@@ -60,3 +60,13 @@ def tiny_llama(vocab=64, hidden=32, intermediate=64, layers=2, heads=4, kv_heads
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(config)
+
+
+def fake_zero3(model, **attributes):
+    """Marks `model`'s parameters the way DeepSpeed ZeRO-3 does (enough for hf-ema's backend checks)."""
+    for param in model.parameters():
+        param.ds_id, param.ds_numel, param.ds_shape = 1, param.numel(), param.shape
+        param.ds_tensor, param.ds_process_group = param.detach().reshape(-1).clone(), None
+        for key, value in attributes.items():
+            setattr(param, key, value)
+    return model

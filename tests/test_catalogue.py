@@ -9,8 +9,8 @@ import shutil
 
 import pytest
 import torch
-from conftest import RegressionDataset, TinyConfig, TinyModel
-from helpers import build, tiny_llama
+from conftest import RegressionDataset, TinyConfig, TinyModel, make_args
+from helpers import build, fake_zero3, tiny_llama
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
@@ -217,6 +217,73 @@ def compute_ema_mismatch(tmp_path):
     compute_ema(TinyModel(TinyConfig()), torch.nn.Linear(3, 1), 0.9)
 
 
+def train_begin(tmp_path, model, deepspeed_config=None, trainer_managed=False):
+    """Runs EMACallback.on_train_begin as the Trainer would, with `args.hf_deepspeed_config` when given."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    args = make_args(tmp_path)
+    if deepspeed_config is not None:
+        args.hf_deepspeed_config = SimpleNamespace(config=deepspeed_config)
+    callback = EMACallback(EMAArguments(half_life="4ba"))
+    callback._managed_by_trainer = trainer_managed
+    callback.on_train_begin(args, TrainerState(), TrainerControl(), model=model)
+
+
+def fsdp1_model(tmp_path):
+    from torch import nn
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    wrapper = FullyShardedDataParallel.__new__(FullyShardedDataParallel)  # an FSDP1 module, without a process group
+    nn.Module.__init__(wrapper)
+    model = TinyModel(TinyConfig())
+    model.add_module("sharded", wrapper)
+    train_begin(tmp_path, model)
+
+
+def zero3_stock_trainer_without_gather(tmp_path):
+    train_begin(tmp_path, fake_zero3(TinyModel(TinyConfig())), {"zero_optimization": {"stage": 3}})
+
+
+def zero3_hierarchical(tmp_path):
+    train_begin(tmp_path, fake_zero3(TinyModel(TinyConfig()), ds_zero_param_process_group=object()), {}, True)
+
+
+def zero3_nvme(tmp_path):
+    model = fake_zero3(TinyModel(TinyConfig()))
+    for param in model.parameters():
+        param.ds_tensor.final_location = "OffloadDeviceEnum.nvme"
+    train_begin(tmp_path, model, {"zero_optimization": {"stage": 3}}, True)
+
+
+def sharded_state_missing_shard(tmp_path):
+    from types import SimpleNamespace
+
+    from hf_ema.checkpoint import save_sharded_sidecar
+    from hf_ema.shadow import ShadowStore
+    from hf_ema.time import Clock
+
+    model = TinyModel(TinyConfig())
+    callback = EMACallback(EMAArguments(half_life="4ba"))
+    callback.model, callback.store = model, ShadowStore(model)
+    callback.schedule.start(Clock(), 0)
+    meta = callback._sidecar_meta(SimpleNamespace(global_step=8), holds_ema=True)
+    folder = tmp_path / "checkpoint-8"
+    save_sharded_sidecar(folder, meta, callback.store.sharded_state(model, True))  # one process: plain tensors
+    (folder / "ema_state" / "__0_0.distcp").unlink()
+    EMACallback(EMAArguments(half_life="4ba"))._resume(make_args(tmp_path), SimpleNamespace(global_step=8), model)
+
+
+def zero3_copy(tmp_path):
+    from hf_ema.shadow import ShadowStore
+
+    model = fake_zero3(TinyModel(TinyConfig()))
+    callback = EMACallback(EMAArguments(half_life="4ba"))
+    callback.model, callback.store = model, ShadowStore(model)
+    callback.ema_model()
+
+
 CATALOGUE = [
     # arguments: fail at EMAArguments(...)
     ("half_life without unit", args_case(half_life="1000"), ValueError, ["`half_life`", "'1000'", "1000ba"]),
@@ -261,11 +328,28 @@ CATALOGUE = [
     ("sidecar of another step", sidecar_of_another_step, EMAStateError, [SIDECAR, "written at step 16"]),
     ("sidecar lacks training weights", training_weights_missing, EMAStateError, [SIDECAR, "no training weights"]),
     (
+        "sharded EMA state lacks a shard",
+        sharded_state_missing_shard,
+        EMAStateError,
+        ["ema_state", "incomplete", "restart"],
+    ),
+    (
         "stock Trainer, checkpoint elsewhere",
         stock_trainer_outside_output_dir,
         EMAStateError,
         ["does not exist", "resume_from_checkpoint=path"],
     ),
+    # parallel backends: fail at train begin
+    ("FSDP1", fsdp1_model, ValueError, ["FSDP1", "fsdp_config={'version': 2}"]),
+    (
+        "ZeRO-3 without the 16-bit gather, stock Trainer",
+        zero3_stock_trainer_without_gather,
+        ValueError,
+        ["stage3_gather_16bit_weights_on_model_save", "EMATrainer"],
+    ),
+    ("ZeRO++ hierarchical partitioning", zero3_hierarchical, ValueError, ["zero_hpz_partition_size"]),
+    ("ZeRO-3 parameters offloaded to NVMe", zero3_nvme, ValueError, ["NVMe", "'cpu'"]),
+    ("ema_model() of a ZeRO-3 model", zero3_copy, RuntimeError, ["ZeRO-3", "ema_weights()", "save_model()"]),
     # model changes after the average exists
     (
         "parameter unfrozen mid-run",

@@ -1,4 +1,4 @@
-"""DDP and FSDP2 on CPU: two processes under torchrun on gloo (tests/distributed/worker.py)."""
+"""DDP, FSDP2 and DeepSpeed ZeRO on CPU: two processes under torchrun on gloo (tests/distributed/worker.py)."""
 
 import os
 import subprocess
@@ -7,15 +7,15 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
-from conftest import assert_close, reference_ema
+from conftest import TinyConfig, TinyModel, assert_close, reference_ema, state_of
 from helpers import eval_loss
 from safetensors.torch import load_file
 
 WORKER = os.path.join(os.path.dirname(__file__), "distributed", "worker.py")
 
 
-def torchrun(*args, timeout=240):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def torchrun(*args, timeout=240, **extra_env):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra_env}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", WORKER, *args],
         capture_output=True,
@@ -112,7 +112,10 @@ def test_fsdp2_through_ema_trainer(tmp_path):
     # Each rank averages only its shard of every sharded matrix.
     name = "model.layers.0.mlp.gate_proj.weight"
     assert ranks[0]["global_shapes"][name] == (64, 32) and ranks[0]["local_shapes"][name] == (32, 32)
-    assert (tmp_path / "checkpoint-4" / "ema_state.safetensors").is_file()
+    # The EMA state of a sharded model is saved sharded (torch.distributed.checkpoint): one file per rank, no gather.
+    files = sorted(os.listdir(tmp_path / "checkpoint-4" / "ema_state"))
+    assert files == [".metadata", "__0_0.distcp", "__1_0.distcp", "hf_ema.json"]
+    assert not (tmp_path / "checkpoint-4" / "ema_state.safetensors").exists()
 
     torchrun("trainer_fsdp2", str(tmp_path), str(tmp_path / "checkpoint-4"))
     for rank in (0, 1):
@@ -122,17 +125,11 @@ def test_fsdp2_through_ema_trainer(tmp_path):
                 assert torch.equal(resumed[key][tensor_name], value), (key, tensor_name)
 
 
-def test_unsupported_backends_are_refused_at_train_begin(tmp_path, monkeypatch):
+def test_unsupported_backends_are_refused(monkeypatch):
     import torch.distributed.fsdp as fsdp
-    from helpers import build
+    from helpers import fake_zero3
 
-    from hf_ema import EMAArguments
     from hf_ema.distributed import check_backend
-
-    model = nn.Linear(2, 2)
-    model.weight.ds_id = 7  # what DeepSpeed ZeRO-3 marks its parameters with
-    with pytest.raises(ValueError, match="does not support DeepSpeed"):
-        check_backend(model)
 
     class FakeFSDP1(nn.Module):
         pass
@@ -141,9 +138,89 @@ def test_unsupported_backends_are_refused_at_train_begin(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="FSDP1.*fsdp_version=2"):
         check_backend(nn.Sequential(FakeFSDP1()))
     assert check_backend(nn.Linear(2, 2)) == "replicated"
+    assert check_backend(fake_zero3(nn.Linear(2, 2))) == "sharded"
+    with pytest.raises(ValueError, match="zero_hpz_partition_size"):
+        check_backend(fake_zero3(nn.Linear(2, 2), ds_zero_param_process_group=object()))
+    nvme = fake_zero3(nn.Linear(2, 2))
+    for param in nvme.parameters():
+        param.ds_tensor.final_location = "OffloadDeviceEnum.nvme"
+    with pytest.raises(ValueError, match="NVMe"):
+        check_backend(nvme)
+    with pytest.raises(ValueError, match="autotp_size"):
+        check_backend(nn.Linear(2, 2), {"tensor_parallel": {"autotp_size": 2}})
 
-    trainer, _, _ = build(tmp_path, EMAArguments(half_life="4ba"))
-    trainer.model.linear.weight.ds_id = 1
-    with pytest.raises(ValueError, match="DeepSpeed"):
-        trainer.train()
-    assert trainer.state.global_step == 0
+
+deepspeed_rows = [
+    # (stage, trainer kind, also resume): EMATrainer runs without stage3_gather_16bit_weights_on_model_save, the stock
+    # Trainer with it; "3-nopersist" partitions every parameter between steps (none kept gathered).
+    ("2", "ema_trainer", True),
+    ("2", "callback", False),
+    ("3", "ema_trainer", True),
+    ("3", "callback", True),
+    ("3-nopersist", "ema_trainer", False),
+]
+
+
+@pytest.mark.parametrize(
+    "stage, kind, also_resume", deepspeed_rows, ids=[f"zero{r[0]}-{r[1]}" for r in deepspeed_rows]
+)
+def test_deepspeed_zero(tmp_path, stage, kind, also_resume):
+    """DeepSpeed ZeRO through the Trainer (DeepSpeed's CPU accelerator, gloo): the averaged tensors are the ones the
+    optimizer updates (ZeRO-3: each rank's partitions), evaluations and model files use the EMA, resume is exact."""
+    pytest.importorskip("deepspeed")
+    from helpers import eval_loss
+
+    from hf_ema import EMAArguments, EMACallback
+
+    torchrun("deepspeed", str(tmp_path), stage, kind, DS_ACCELERATOR="cpu")
+    ranks = [torch.load(tmp_path / f"ds{stage}-{kind}-full-rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert all(r["world_size"] == 2 and r["steps"] == 8 for r in ranks)
+    assert all(r["zero3"] == stage.startswith("3") for r in ranks)
+    for r in ranks:
+        assert r["num_updates"] == 2
+        expected = reference_ema(r["weights"], 0, schedule(8))
+        assert_close(r["ema"], expected)  # gathered by DeepSpeed from the EMA swapped into the partitions
+        assert_close(r["training"], r["weights"][8], rtol=0, atol=0)  # swapped back, bit for bit
+    for name in ranks[0]["ema"]:
+        assert torch.equal(ranks[0]["ema"][name], ranks[1]["ema"][name])
+    # Evaluations during training ran on the EMA (the ZeRO-3 rows also check the gathered copies DeepSpeed keeps).
+    evals = [h for h in ranks[0]["log_history"] if "eval_loss" in h]
+    assert len(evals) == 4
+    for entry in evals:
+        expected = reference_ema(ranks[0]["weights"], 0, schedule(entry["step"]))
+        assert entry["eval_loss"] == pytest.approx(eval_loss(expected), rel=1e-5)
+    # The checkpoint's model file holds the EMA: with the gather flag through the Trainer, without it by EMATrainer.
+    folder = tmp_path / "checkpoint-8"
+    model_file = {k: v.double() for k, v in load_file(folder / "model.safetensors").items()}
+    assert_close(model_file, reference_ema(ranks[0]["weights"], 0, schedule(8)))
+    # Coverage: every trainable parameter, on every rank; under ZeRO-3 each element on exactly one rank.
+    for name, shape in ranks[0]["global_shapes"].items():
+        numel = torch.Size(shape).numel()
+        assert all(name in r["local_numel"] for r in ranks)
+        if stage.startswith("3"):
+            spans = sorted(r["spans"][name] for r in ranks)
+            assert spans[0][0] == 0 and sum(valid for _, valid in spans) == numel
+            assert all(a[0] + a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False) if b[1])
+            assert all(r["local_numel"][name] == -(-numel // 2) for r in ranks)  # ceil(numel / 2), padded
+        else:
+            assert all(r["local_numel"][name] == numel for r in ranks)  # ZeRO-1/2 parameters are whole
+    sharded = stage.startswith("3")
+    assert (folder / "ema_state" / "hf_ema.json").is_file() == sharded
+    assert (folder / "ema_state.safetensors").is_file() == (not sharded)
+
+    if sharded:  # the sharded state of 2 ranks loads into a plain model in one process (DCP reshards)
+        model = TinyModel(TinyConfig())
+        callback = EMACallback(EMAArguments(half_life="4ba", update_interval="3ba"))
+        callback._load_state(str(folder), model, expected_step=8)
+        assert_close(
+            {n: t.double() for n, t in callback.store.ema_tensors(model).items()}, ranks[0]["ema"], rtol=0, atol=0
+        )
+        assert_close(state_of(model), ranks[0]["training"], rtol=0, atol=0)
+    if not also_resume:
+        return
+    torchrun("deepspeed", str(tmp_path), stage, kind, str(tmp_path / "checkpoint-4"), DS_ACCELERATOR="cpu")
+    for rank in (0, 1):
+        resumed = torch.load(tmp_path / f"ds{stage}-{kind}-resumed-rank{rank}.pt", weights_only=False)
+        for key in ("ema", "training"):
+            for name, value in ranks[rank][key].items():
+                assert torch.equal(resumed[key][name], value), (key, name)

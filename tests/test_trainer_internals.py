@@ -38,3 +38,22 @@ def test_callback_hooks_and_state_fields():
 def test_checkpoint_folder_name_and_skipped_steps():
     assert callback_module.PREFIX_CHECKPOINT_DIR == PREFIX_CHECKPOINT_DIR
     assert isinstance(inspect.getattr_static(AcceleratedOptimizer, "step_was_skipped"), property)
+
+
+def test_deepspeed_internals():
+    """DeepSpeed (ZeRO-3) attributes and engine methods hf-ema reads; the CPU DeepSpeed runs exercise them all."""
+    deepspeed = __import__("pytest").importorskip("deepspeed")
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from deepspeed.runtime.zero.partition_parameters import Init, ZeroParamStatus
+
+    assert ZeroParamStatus.AVAILABLE.name == "AVAILABLE"  # distributed.refresh_
+    # EMATrainer._zero3_gathers_on_save: the engine reads this config field; Trainer.save_model gathers through it.
+    assert "gather_16bit_weights_on_model_save" in DeepSpeedZeroConfig.model_fields
+    assert callable(DeepSpeedEngine.zero_gather_16bit_weights_on_model_save)
+    assert callable(DeepSpeedEngine._zero3_consolidated_16bit_state_dict)
+    source = inspect.getsource(Trainer.save_model)
+    assert "get_state_dict(self.deepspeed)" in source or "_zero3_consolidated_16bit_state_dict" in source
+    # The partition layout distributed._zero3_span assumes: ceil(numel / world) per rank, padded at the end.
+    assert "remainder = param.ds_numel % partition_world_size" in inspect.getsource(Init._padding_size)
+    assert deepspeed.__version__

@@ -2,6 +2,7 @@
 
 python -m torch.distributed.run --nproc_per_node 2 tests/distributed/worker.py ddp OUT KIND [RESUME_FROM]
 python -m torch.distributed.run --nproc_per_node 2 tests/distributed/worker.py fsdp2 OUT
+DS_ACCELERATOR=cpu python -m torch.distributed.run --nproc_per_node 2 tests/distributed/worker.py deepspeed OUT STAGE KIND
 """
 
 from __future__ import annotations
@@ -14,31 +15,18 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
 
-from conftest import Recorder, RegressionDataset, TinyConfig, TinyModel, make_args, state_of  # noqa: E402
+from conftest import Recorder, make_args, state_of  # noqa: E402
 
 # Both Trainer workers: 2 epochs, a checkpoint every 4 steps, an evaluation every 2.
 SCHEDULE = dict(num_train_epochs=2, save_strategy="steps", save_steps=4, eval_strategy="steps", eval_steps=2)
 
 
 def ddp(out: str, kind: str, resume_from: str | None) -> None:
-    from transformers import Trainer
+    from helpers import build
 
-    from hf_ema import EMAArguments, EMACallback, EMATrainer
+    from hf_ema import EMAArguments
 
-    recorder = Recorder()
-    ema_args = EMAArguments(half_life="4ba", update_interval="3ba")
-    common = dict(
-        model=TinyModel(TinyConfig()),
-        args=make_args(out, **SCHEDULE),
-        train_dataset=RegressionDataset(32, seed=0),
-        eval_dataset=RegressionDataset(16, seed=1),
-    )
-    if kind == "ema_trainer":
-        trainer = EMATrainer(callbacks=[recorder], ema_args=ema_args, **common)
-        callback = trainer.ema_callback
-    else:
-        callback = EMACallback(ema_args)
-        trainer = Trainer(callbacks=[recorder, callback], **common)
+    trainer, recorder, callback = build(out, EMAArguments(half_life="4ba", update_interval="3ba"), kind, **SCHEDULE)
     trainer.train(resume_from_checkpoint=resume_from)
     rank = trainer.args.process_index
     torch.save(
@@ -145,15 +133,13 @@ def force_fsdp_on_cpu() -> None:
     accelerate_state.AcceleratorState.__init__ = init
 
 
-def trainer_fsdp2(out: str, resume_from: str | None, on_gpu: bool = False) -> None:
+def trainer_fsdp2(out: str, resume_from: str | None) -> None:
     """EMATrainer with FSDP2 through accelerate.
 
-    On CPU the distributed type is forced and checkpoints use SHARDED_STATE_DICT (the FULL one cannot save on CPU,
-    with or without EMA, in transformers 5.24 / accelerate 1.15). On a GPU (tests/gpu/run.sh) it is the real thing,
-    with FULL_STATE_DICT, and the checkpoint's model.safetensors is compared with the gathered EMA.
+    The distributed type is forced on CPU and checkpoints use SHARDED_STATE_DICT (the FULL one cannot save on CPU,
+    with or without EMA, in transformers 5.24 / accelerate 1.15). tests/gpu/run_backends.sh runs both on a GPU.
     """
-    if not on_gpu:
-        force_fsdp_on_cpu()
+    force_fsdp_on_cpu()
     from helpers import tiny_llama
 
     from hf_ema import EMAArguments, EMATrainer
@@ -164,9 +150,8 @@ def trainer_fsdp2(out: str, resume_from: str | None, on_gpu: bool = False) -> No
         out,
         **SCHEDULE,
         learning_rate=0.5,
-        use_cpu=not on_gpu,
         fsdp="full_shard",
-        fsdp_config={"version": 2, "state_dict_type": "FULL_STATE_DICT" if on_gpu else "SHARDED_STATE_DICT"},
+        fsdp_config={"version": 2, "state_dict_type": "SHARDED_STATE_DICT"},
     )
     recorder = Recorder()
     trainer = EMATrainer(
@@ -180,13 +165,6 @@ def trainer_fsdp2(out: str, resume_from: str | None, on_gpu: bool = False) -> No
     training = {n: t.double() for n, t in callback.store.full_training(trainer.model).items()}
     local = {n: tuple(t.shape) for n, t in callback.store.shadow.items()}
     rank = trainer.args.process_index
-    if on_gpu and rank == 0:
-        from safetensors.torch import load_file
-
-        last = trainer.state.global_step
-        saved = load_file(os.path.join(out, f"checkpoint-{last}", "model.safetensors"))
-        worst = max((saved[n].double().cpu() - ema[n].cpu()).abs().max().item() for n in ema if n in saved)
-        print(f"GPU FSDP2: checkpoint-{last} model.safetensors vs gathered EMA: max abs diff {worst:.3e}", flush=True)
     torch.save(
         {
             "sharded": callback._sharded,
@@ -205,6 +183,67 @@ def trainer_fsdp2(out: str, resume_from: str | None, on_gpu: bool = False) -> No
     )
 
 
+def deepspeed_run(out: str, stage: str, kind: str, resume_from: str | None) -> None:
+    """DeepSpeed ZeRO through the Trainer. `stage` is "2", "3" or "3-nopersist" (every ZeRO-3 parameter partitioned
+    between steps; by default DeepSpeed keeps small ones gathered). EMATrainer runs without
+    stage3_gather_16bit_weights_on_model_save (hf-ema writes the EMA model files itself); the stock Trainer with it.
+
+    On CPU DeepSpeed runs on its CPU accelerator (DS_ACCELERATOR=cpu) over gloo: accelerate only starts DeepSpeed
+    for GPU-like devices, so the distributed state is configured by hand before the TrainingArguments.
+    """
+    from accelerate import PartialState
+    from helpers import build
+
+    from hf_ema import EMAArguments
+    from hf_ema.distributed import _zero3_span, is_zero3
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend="gloo")
+    zero = {"stage": int(stage[0]), "stage3_gather_16bit_weights_on_model_save": kind == "callback"}
+    if stage == "3-nopersist":
+        zero["stage3_param_persistence_threshold"] = 0
+    config = {
+        "zero_optimization": zero,
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+    }
+    trainer, recorder, callback = build(
+        out,
+        EMAArguments(half_life="4ba", update_interval="3ba"),
+        kind,
+        **SCHEDULE,
+        use_cpu=False,
+        deepspeed=config,
+        accelerator_config={"use_configured_state": True},
+    )
+    assert trainer.is_deepspeed_enabled
+    trainer.train(resume_from_checkpoint=resume_from)
+    model = trainer.model  # holds the EMA after train()
+    ema = state_of(model)
+    with callback.training_weights(model):
+        training = state_of(model)
+    params = dict(model.named_parameters())
+    spans = {n: _zero3_span(params[n])[:2] if is_zero3(params[n]) else (0, params[n].numel()) for n in params}
+    torch.save(
+        {
+            "world_size": trainer.args.world_size,
+            "zero3": callback.store.zero3,
+            "weights": recorder.weights,
+            "ema": ema,
+            "training": training,
+            "spans": spans,
+            "local_numel": {n: t.numel() for n, t in callback.store.shadow.items()},
+            "global_shapes": callback.store.global_shapes,
+            "num_updates": callback.num_updates,
+            "log_history": trainer.state.log_history,
+            "steps": trainer.state.global_step,
+        },
+        os.path.join(
+            out, f"ds{stage}-{kind}-{'resumed' if resume_from else 'full'}-rank{trainer.args.process_index}.pt"
+        ),
+    )
+
+
 def shut_down() -> None:
     """Leaves the process group cleanly: an undestroyed gloo group can abort the process at exit ("terminate called
     without an active exception"), failing the launch after the work is done."""
@@ -216,10 +255,12 @@ def shut_down() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "ddp":
+    if sys.argv[1] == "deepspeed":
+        deepspeed_run(*sys.argv[2:5], sys.argv[5] if len(sys.argv) > 5 else None)
+    elif sys.argv[1] == "ddp":
         ddp(sys.argv[2], sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None)
-    elif sys.argv[1] in ("trainer_fsdp2", "gpu_fsdp2"):
-        trainer_fsdp2(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None, on_gpu=sys.argv[1] == "gpu_fsdp2")
+    elif sys.argv[1] == "trainer_fsdp2":
+        trainer_fsdp2(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)
     else:
         fsdp2(sys.argv[2])
     shut_down()
