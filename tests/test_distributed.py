@@ -152,12 +152,15 @@ def test_unsupported_backends_are_refused(monkeypatch):
 
 deepspeed_rows = [
     # (stage, trainer kind, also resume): EMATrainer runs without stage3_gather_16bit_weights_on_model_save, the stock
-    # Trainer with it; "3-nopersist" partitions every parameter between steps (none kept gathered).
+    # Trainer with it; "3-nopersist" partitions every parameter between steps (none kept gathered); "3-init" builds
+    # the model partitioned (from_pretrained under zero.Init, as large models are loaded).
+    ("1", "ema_trainer", False),
     ("2", "ema_trainer", True),
     ("2", "callback", False),
     ("3", "ema_trainer", True),
     ("3", "callback", True),
     ("3-nopersist", "ema_trainer", False),
+    ("3-init", "ema_trainer", True),
 ]
 
 

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
 
-from conftest import Recorder, make_args, state_of  # noqa: E402
+from conftest import Recorder, TinyConfig, TinyModel, make_args, state_of  # noqa: E402
 
 # Both Trainer workers: 2 epochs, a checkpoint every 4 steps, an evaluation every 2.
 SCHEDULE = dict(num_train_epochs=2, save_strategy="steps", save_steps=4, eval_strategy="steps", eval_steps=2)
@@ -207,14 +207,22 @@ def deepspeed_run(out: str, stage: str, kind: str, resume_from: str | None) -> N
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
     }
+    overrides = dict(**SCHEDULE, use_cpu=False, deepspeed=config, accelerator_config={"use_configured_state": True})
+    model = None
+    if stage == "3-init":  # from_pretrained partitions the model while building it (zero.Init), as for large models
+        import torch.distributed as dist
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        saved = os.path.join(out, "initial-model")
+        if int(os.environ["RANK"]) == 0 and not os.path.isdir(saved):
+            TinyModel(TinyConfig()).save_pretrained(saved)
+        dist.barrier()
+        zero3_args = make_args(out, **overrides)  # noqa: F841 - alive while the model is built: enables zero.Init
+        assert is_deepspeed_zero3_enabled()
+        model = TinyModel.from_pretrained(saved)
+        assert all(hasattr(p, "ds_id") for p in model.parameters())
     trainer, recorder, callback = build(
-        out,
-        EMAArguments(half_life="4ba", update_interval="3ba"),
-        kind,
-        **SCHEDULE,
-        use_cpu=False,
-        deepspeed=config,
-        accelerator_config={"use_configured_state": True},
+        out, EMAArguments(half_life="4ba", update_interval="3ba"), kind, model=model, **overrides
     )
     assert trainer.is_deepspeed_enabled
     trainer.train(resume_from_checkpoint=resume_from)
