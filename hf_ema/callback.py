@@ -183,12 +183,15 @@ class EMACallback(TrainerCallback):
         self._sidecar_step = state.global_step
         holds_ema = self.started and self.ema_args.ema_checkpoint_weights == "ema"
         self._check_finite(state, f"The checkpoint in {checkpoint_dir} was not given EMA state")
-        meta = self._sidecar_meta(state, holds_ema) if args.should_save else None
         if self._sharded or (self.started and self.store.sharded):
+            # One process finishes the folder (a rename), on a filesystem all ranks share, as DCP needs: the global
+            # main process, also with save_on_each_node.
+            meta = self._sidecar_meta(state, holds_ema) if args.process_index == 0 else None
             tensors = self.store.sharded_state(self.model, holds_ema) if self.started else {}
             return save_sharded_sidecar(checkpoint_dir, meta, tensors)
-        if meta is None:
+        if not args.should_save:
             return None
+        meta = self._sidecar_meta(state, holds_ema)
         ema = self.store.ema_tensors(self.model) if self.started else {}
         training = self.store.training_tensors(self.model) if holds_ema else None
         return save_sidecar(checkpoint_dir, meta, ema, training)

@@ -89,7 +89,7 @@ def fsdp2(out: str) -> None:
     callback.store.swap_out(model)
     restored = full_weights(model)
 
-    args = SimpleNamespace(should_save=rank == 0)
+    args = SimpleNamespace(should_save=rank == 0, process_index=rank)
     path = callback.save_state(out, args, SimpleNamespace(global_step=6))
     dist.barrier()  # rank 0 writes; the others read it next (a resuming run starts after the save, as here)
 
