@@ -30,7 +30,7 @@ from .checkpoint import (
     sidecar_path,
 )
 from .core import first_non_finite
-from .distributed import check_backend
+from .distributed import check_backend, comm_device
 from .schedule import START, EMASchedule
 from .shadow import ShadowStore
 from .time import Clock
@@ -380,10 +380,7 @@ class EMACallback(TrainerCallback):
         """`bad` (a tensor name or None) from this rank, or a placeholder if another rank of a sharded model has one."""
         if not self._sharded or not torch.distributed.is_initialized():
             return bad
-        device = next(iter(self.store.shadow.values())).device
-        if torch.distributed.get_backend() == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
-        flag = torch.tensor(float(bad is not None), device=device)
+        flag = torch.tensor(float(bad is not None), device=comm_device())
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bad or ("a tensor shard on another rank" if flag.item() else None)
 

@@ -77,7 +77,8 @@ def _zero3_span(param: Tensor) -> tuple[int, int, int]:
     return start, max(0, min(size, param.ds_numel - start)), size
 
 
-def _comm_device(group) -> torch.device:
+def comm_device(group=None) -> torch.device:
+    """Where tensors for a collective on `group` must live: the current GPU under NCCL, else the host."""
     backend = str(dist.get_backend(group))
     return torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
 
@@ -87,7 +88,7 @@ def gather_full(like: Tensor, local: Tensor) -> Tensor:
     """The full tensor of which `local` is this rank's shard, laid out like `like` (a collective for sharded ones)."""
     if is_zero3(like):
         group = like.ds_process_group
-        device = _comm_device(group)
+        device = comm_device(group)
         parts = [torch.empty(local.shape, dtype=local.dtype, device=device) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, local.to(device).contiguous(), group=group)
         return torch.cat(parts)[: like.ds_numel].view(like.ds_shape).to(local.device)
@@ -111,7 +112,7 @@ def shard_like(like: Tensor, full: Tensor) -> Tensor:
     return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
 
 
-_MESHES: dict[int, object] = {}
+_MESHES: dict[tuple[int, str], object] = {}  # per process group and device type
 
 
 def as_dtensor(like: Tensor, local: Tensor) -> Tensor:
@@ -125,7 +126,7 @@ def as_dtensor(like: Tensor, local: Tensor) -> Tensor:
         from torch.distributed.device_mesh import DeviceMesh
 
         group = like.ds_process_group
-        key = id(group) if group is not None else 0
+        key = (id(group), local.device.type)
         if key not in _MESHES:
             _MESHES[key] = DeviceMesh.from_group(group or dist.group.WORLD, local.device.type)
         _, valid, _ = _zero3_span(like)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -304,16 +304,12 @@ class ShadowStore:
         Shapes and dtypes must match the store (a float32 average is never loaded from a rounded copy). Sharded
         parameters take their local slice of each full tensor, so a checkpoint loads at another world size too.
         """
-        self.wait()
-        self.ema_in_model = False
-        self._stash.clear()
-        tracked, live = self._tracked(module), self._live(module)
-        for name, shadow in self.shadow.items():
-            shadow.copy_(shard_like(tracked[name], ema[name]))
-            if training is not None:
-                live[name].copy_(shard_like(tracked[name], training[name]))
-        if training is not None:
-            self._refresh(module)
+        tracked, full = self._tracked(module), {"ema": ema, "training": training}
+
+        def local(name: str, kind: str) -> Tensor:
+            return shard_like(tracked[name], full[kind][name])
+
+        self._restore_(module, local, with_training=training is not None)
 
     # ---- sharded checkpoints ----
 
@@ -350,22 +346,28 @@ class ShadowStore:
     @torch.no_grad()
     def load_sharded_(self, module: nn.Module, state: Mapping[str, Tensor], saved_flat: list[str]) -> None:
         """Restores the averages (and the training weights when `state` has them) from a loaded `empty_sharded_state`."""
-        self.wait()
-        self.ema_in_model = False
-        self._stash.clear()
-        tracked, live = self._tracked(module), self._live(module)
-        flat, saved_flat = set(self.flat_names), set(saved_flat)
-        with_training = any(key.startswith("training/") for key in state)
+        tracked, flat, saved_flat = self._tracked(module), set(self.flat_names), set(saved_flat)
 
-        def local(name: str, loaded: Tensor) -> Tensor:
+        def local(name: str, kind: str) -> Tensor:
+            loaded = state[f"{kind}/{name}"]
             if (name in flat) == (name in saved_flat):
                 return from_dtensor(tracked[name], loaded)
             return shard_like(tracked[name], loaded.reshape(self.global_shapes[name]))
 
+        self._restore_(module, local, with_training=any(key.startswith("training/") for key in state))
+
+    @torch.no_grad()
+    def _restore_(self, module: nn.Module, local: Callable[[str, str], Tensor], with_training: bool) -> None:
+        """Sets each average to `local(name, "ema")` (this rank's tensor) and, `with_training`, each live tensor to
+        `local(name, "training")`; then no EMA is swapped in."""
+        self.wait()
+        self.ema_in_model = False
+        self._stash.clear()
+        live = self._live(module)
         for name, shadow in self.shadow.items():
-            shadow.copy_(local(name, state[f"ema/{name}"]))
+            shadow.copy_(local(name, "ema"))
             if with_training:
-                live[name].copy_(local(name, state[f"training/{name}"]))
+                live[name].copy_(local(name, "training"))
         if with_training:
             self._refresh(module)
 

@@ -66,6 +66,7 @@ class EMATrainer(Trainer):
         self._ema_callback = callback
         self._ema_in_checkpoint = False
         self._ema_pending_log: dict[str, float] = {}
+        self._ema_told_zero3_gather = False
         super().__init__(*args, callbacks=callbacks, **kwargs)
 
     # ---- access to both sets of weights ----
@@ -191,7 +192,7 @@ class EMATrainer(Trainer):
         if zero is None or zero.stage != 3 or zero.gather_16bit_weights_on_model_save:
             yield
             return
-        if not getattr(self, "_ema_told_zero3_gather", False) and self.is_world_process_zero():
+        if not self._ema_told_zero3_gather and self.is_world_process_zero():
             self._ema_told_zero3_gather = True
             logger.warning(
                 "DeepSpeed ZeRO-3 runs with stage3_gather_16bit_weights_on_model_save=false; EMATrainer gathers the "
