@@ -92,7 +92,7 @@ def phase_swap_save(dtype_name: str) -> dict:
     from transformers import Trainer, TrainingArguments
 
     from hf_ema import EMAArguments, EMACallback
-    from hf_ema.shadow import ShadowStore
+    from hf_ema.store import EMAStore as ShadowStore
 
     model = build_model(dtype_name)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
 
-from hf_ema.shadow import ShadowStore  # noqa: E402
+from hf_ema.store import EMAStore as ShadowStore  # noqa: E402
 
 
 def build(layers: int):

@@ -9,6 +9,7 @@ from .core import compute_ema  # noqa: E402
 __all__ = [
     "EMAArguments",
     "EMACallback",
+    "EMAMixin",
     "EMAStateError",
     "EMATrainer",
     "__version__",
@@ -22,6 +23,10 @@ def __getattr__(name):
         from .callback import EMACallback
 
         return EMACallback
+    if name == "EMAMixin":
+        from .mixin import EMAMixin
+
+        return EMAMixin
     if name == "EMATrainer":
         from .trainer import EMATrainer
 

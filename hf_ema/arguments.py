@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from .rules import SIGMA_REL_MAX, FixedSmoothing, HalfLife, PowerFunction, Rule, Warmup, gamma_of_sigma_rel
 from .time import Time, parse_time
 
 DEFAULT_HALF_LIFE = "1000ba"
@@ -13,6 +14,8 @@ EMA_DTYPES = ("auto", "float32", "same")
 CHECKPOINT_WEIGHTS = ("ema", "training")
 RESUME_WITHOUT_STATE = ("error", "restart")
 BUFFERS = ("average", "copy")
+EVAL_DURING_TRAINING = ("all", "primary")
+SIGMA_REL_LIMIT = round(SIGMA_REL_MAX, 4)  # 0.2887, as users type the uniform average's sigma_rel
 
 
 @dataclass
@@ -20,18 +23,37 @@ class EMAArguments:
     """Settings of the exponential moving average of the model weights.
 
     The average follows `ema = s * ema + (1 - s) * w` at every update. Give the time scale as a `half_life` (the time
-    after which an old term's weight has halved; `s = 2 ** (-elapsed / half_life)`) or as a fixed `smoothing` per
-    update. Time strings are `<number><unit>` with units `ba` (optimizer steps), `ep` (epochs), `sp` (samples), `tok`
-    (input tokens; needs `include_num_input_tokens_seen`) and `dur` (fraction of the run, 0..1).
+    after which an old term's weight has halved; `s = 2 ** (-elapsed / half_life)`), as a fixed `smoothing` per
+    update, or as EDM2 power-function averages by `sigma_rel`. Time strings are `<number><unit>` with units `ba`
+    (optimizer steps), `ep` (epochs), `sp` (samples), `tok` (input tokens; needs `include_num_input_tokens_seen`) and
+    `dur` (fraction of the run, 0..1).
+
+    A list of values keeps several averages in one callback (`half_life=["500ba", "2000ba"]`), each labelled by its
+    value as written; the first is the primary, which `ema_model`, evaluation's `eval_*` metrics, checkpoints' model
+    files, `save_model` and `push_to_hub` use. All averages share `update_interval` and `ema_start`.
 
     Args:
-        half_life (`str`, *optional*, defaults to `"1000ba"` when `smoothing` is not given):
-            Half-life of the average, e.g. `"1000ba"`, `"2ep"`, `"0.05dur"`.
-        smoothing (`float`, *optional*):
+        half_life (`str` or `list[str]`, *optional*, defaults to `"1000ba"` when neither `smoothing` nor `sigma_rel`
+            is given):
+            Half-life of the average, e.g. `"1000ba"`, `"2ep"`, `"0.05dur"`; a list keeps one average per value.
+        smoothing (`float` or `list[float]`, *optional*):
             Fixed smoothing per update in (0, 1), instead of `half_life`. Not rescaled when `update_interval` changes.
+        sigma_rel (`float` or `list[float]`, *optional*):
+            Power-function averages (EDM2, Karras et al. 2024) by relative width in (0, 0.2887], instead of
+            `half_life`: an update `t` optimizer steps after the start, `elapsed` steps after the previous one, uses
+            `s = (1 - elapsed / t) ** (gamma + 1)` with `sigma_rel ** 2 = (gamma + 1) / ((gamma + 2) ** 2 (gamma + 3))`
+            (0.05 -> gamma 16.97). The average's length grows with training; 0.2887 (gamma 0) is the uniform average
+            (SWA) of the weights since `ema_start`.
+        ema_warmup_power (`float`, *optional*):
+            Warm the smoothing up as timm and diffusers do: an update `t` optimizer steps after the start uses
+            `min(s, 1 - (1 + t / ema_warmup_inv_gamma) ** -ema_warmup_power)`. Usual values: 2/3 (long runs), 3/4.
+        ema_warmup_inv_gamma (`float`, *optional*, defaults to 1.0):
+            `inv_gamma` of the warmup; larger values warm up more slowly.
         update_interval (`str`, *optional*):
-            How often the average is updated. Defaults to 1 of half_life's unit (`"1ba"` for a `dur` half-life) or to
-            `"1ba"` with `smoothing`. With `half_life`, a longer interval keeps the same time constant.
+            How often the averages are updated. Defaults to 1 of half_life's unit (`"1ba"` for a `dur` half-life or
+            half-lives in several units) or to `"1ba"` with `smoothing` and `sigma_rel`. With `half_life`, a longer
+            interval keeps the same time constant; with `sigma_rel`, it samples the same power-function average
+            more coarsely.
         ema_start (`str`, *optional*, defaults to `"0.0dur"`):
             When averaging begins. At the start the average is set to the current weights; before it, evaluation and
             saving use the training weights.
@@ -41,6 +63,13 @@ class EMAArguments:
         ema_eval_training_weights (`bool`, *optional*, defaults to `False`):
             With `EMATrainer`, also evaluate the training weights and log their metrics under `eval_training_*` in the
             same log line. Best-model selection and early stopping follow the EMA metrics.
+        ema_eval_during_training (`str`, *optional*, defaults to `"all"`):
+            With `EMATrainer` and several averages, evaluations during training run `"all"` averages (the primary
+            under `eval_*`, the others under `eval_ema_<label>_*` in the same log line) or only the `"primary"`.
+            Evaluations after training always run all of them.
+        ema_save_all_averages (`bool`, *optional*, defaults to `False`):
+            With `EMATrainer` and several averages, `save_model()` also writes every other average into
+            `<output_dir>/ema-<label>/` (a folder `from_pretrained` loads).
         ema_checkpoint_weights (`str`, *optional*, defaults to `"ema"`):
             Which weights the model files of checkpoints hold: `"ema"` (as Composer) or `"training"`. The other set is
             kept in the checkpoint's `ema_state.safetensors` either way, so resuming is exact.
@@ -70,22 +99,43 @@ class EMAArguments:
     ```
     """
 
-    half_life: str | None = field(
+    half_life: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Half-life of the average as a time string ('1000ba', '2ep', '0.05dur'). Defaults to '1000ba' "
-            "unless `smoothing` is given."
+            "help": "Half-life of the average as a time string ('1000ba', '2ep', '0.05dur'); several keep several "
+            "averages ('500ba 2000ba'), the first is the primary. Defaults to '1000ba' unless `smoothing` or "
+            "`sigma_rel` is given."
         },
     )
-    smoothing: float | None = field(
+    smoothing: list[float] | None = field(
         default=None,
-        metadata={"help": "Fixed smoothing per update in (0, 1), instead of `half_life`."},
+        metadata={
+            "help": "Fixed smoothing per update in (0, 1), instead of `half_life`; several keep several averages."
+        },
+    )
+    sigma_rel: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "EDM2 power-function averages by relative width in (0, 0.2887] ('0.05 0.10'), instead of "
+            "`half_life`; 0.2887 (gamma 0) is the uniform average (SWA)."
+        },
+    )
+    ema_warmup_power: float | None = field(
+        default=None,
+        metadata={
+            "help": "Warm the smoothing up as timm/diffusers do: min(s, 1 - (1 + t / inv_gamma) ** -power), t = "
+            "optimizer steps since the start (2/3 or 3/4 are usual). Off by default."
+        },
+    )
+    ema_warmup_inv_gamma: float = field(
+        default=1.0,
+        metadata={"help": "`inv_gamma` of the warmup (timm/diffusers): larger values warm up more slowly."},
     )
     update_interval: str | None = field(
         default=None,
         metadata={
             "help": "How often the average is updated ('1ba', '10ba', '1ep'). Defaults to 1 of half_life's unit "
-            "('1ba' for a 'dur' half-life, or with `smoothing`)."
+            "('1ba' for a 'dur' half-life, for half-lives in several units, with `smoothing` or `sigma_rel`)."
         },
     )
     ema_start: str = field(
@@ -102,6 +152,20 @@ class EMAArguments:
     ema_eval_training_weights: bool = field(
         default=False,
         metadata={"help": "With EMATrainer, also evaluate the training weights and log them as eval_training_*."},
+    )
+    ema_eval_during_training: Literal["all", "primary"] = field(
+        default="all",
+        metadata={
+            "help": "With EMATrainer and several averages: evaluations during training run 'all' averages (the others "
+            "logged as eval_ema_<label>_*) or only the 'primary'."
+        },
+    )
+    ema_save_all_averages: bool = field(
+        default=False,
+        metadata={
+            "help": "With EMATrainer and several averages: save_model() also writes every other average into "
+            "<output_dir>/ema-<label>/."
+        },
     )
     ema_checkpoint_weights: Literal["ema", "training"] = field(
         default="ema",
@@ -132,40 +196,64 @@ class EMAArguments:
     )
 
     def __post_init__(self) -> None:
-        # Normalise: HfArgumentParser hands strings; an empty string means "not given" only for optional fields.
-        if isinstance(self.smoothing, str):
-            try:
-                self.smoothing = float(self.smoothing)
-            except ValueError:
-                raise ValueError(
-                    f"`smoothing` must be a number in (0, 1), got {self.smoothing!r}. Use e.g. smoothing=0.999."
-                ) from None
+        # Normalise: one value stays a scalar (as before several averages existed, so settings and checkpoints of a
+        # single average are unchanged); HfArgumentParser hands lists, JSON and Python may hand either.
+        self.half_life = _one_or_list(self.half_life, "half_life", _as_time_string)
+        self.smoothing = _one_or_list(self.smoothing, "smoothing", _as_number)
+        self.sigma_rel = _one_or_list(self.sigma_rel, "sigma_rel", _as_number)
+        if isinstance(self.ema_warmup_power, str) or isinstance(self.ema_warmup_inv_gamma, str):
+            self.ema_warmup_power = _as_number(self.ema_warmup_power, "ema_warmup_power")
+            self.ema_warmup_inv_gamma = _as_number(self.ema_warmup_inv_gamma, "ema_warmup_inv_gamma")
         # Validate.
-        if self.half_life is not None and self.smoothing is not None:
+        given = [name for name in ("half_life", "smoothing", "sigma_rel") if getattr(self, name) is not None]
+        if len(given) > 1:
+            values = ", ".join(f"{name}={getattr(self, name)!r}" for name in given)
             raise ValueError(
-                f"`half_life` and `smoothing` both set (half_life={self.half_life!r}, smoothing={self.smoothing!r}); "
-                "they are two ways to give the same time scale. Pass only one of them."
+                f"{' and '.join(f'`{name}`' for name in given)} are {'both' if len(given) == 2 else 'all'} set ({values}); each is a way to give the "
+                "averages' time scale, and one callback keeps averages of one kind. Pass only one of them (a list "
+                "of values keeps several averages)."
             )
-        if self.smoothing is not None:
-            if isinstance(self.smoothing, bool) or not isinstance(self.smoothing, (int, float)):
-                raise TypeError(
-                    f"`smoothing` must be a float in (0, 1), got {self.smoothing!r} of type "
-                    f"{type(self.smoothing).__name__}. Use e.g. smoothing=0.999."
-                )
-            if not (math.isfinite(self.smoothing) and 0.0 < self.smoothing < 1.0):
-                raise ValueError(
-                    f"`smoothing` must be in the open interval (0, 1), got {self.smoothing!r}. Use e.g. "
-                    "smoothing=0.999, or give a `half_life` such as '1000ba'."
-                )
-            self.smoothing = float(self.smoothing)
-        elif self.half_life is None:
+        if not given:
             self.half_life = DEFAULT_HALF_LIFE
-        if self.half_life is not None:
-            parse_time(self.half_life, "half_life")
+        for value in _values(self.half_life):
+            parse_time(value, "half_life")
+        for value in _values(self.smoothing):
+            if not (math.isfinite(value) and 0.0 < value < 1.0):
+                raise ValueError(
+                    f"`smoothing` must be in the open interval (0, 1), got {value!r}. Use e.g. smoothing=0.999, or "
+                    "give a `half_life` such as '1000ba'."
+                )
+        for value in _values(self.sigma_rel):
+            if not (math.isfinite(value) and 0.0 < value <= SIGMA_REL_LIMIT):
+                raise ValueError(
+                    f"`sigma_rel` must be in (0, {SIGMA_REL_MAX:.4f}] (the relative width of an EDM2 power-function "
+                    f"average; {SIGMA_REL_MAX:.4f} is the uniform average, SWA), got {value!r}. Use e.g. "
+                    "sigma_rel=[0.05, 0.10]."
+                )
+        labels = self.labels
+        if len(set(labels)) != len(labels) or len(set(self._parsed_values())) != len(labels):
+            raise ValueError(
+                f"The averages' values must differ, got {labels}: two averages with the same setting are the same "
+                "average. Drop the repeated value."
+            )
+        if self.ema_warmup_power is not None:
+            if self.sigma_rel is not None:
+                raise ValueError(
+                    f"`ema_warmup_power` ({self.ema_warmup_power!r}) does not apply to power-function averages "
+                    "(`sigma_rel`), which start from a smoothing of 0 by construction. Remove ema_warmup_power."
+                )
+            for name in ("ema_warmup_power", "ema_warmup_inv_gamma"):
+                value = getattr(self, name)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                    raise ValueError(
+                        f"`{name}` must be a positive number, got {value!r}. Use e.g. ema_warmup_power=2/3 (timm, "
+                        "diffusers) and ema_warmup_inv_gamma=1.0."
+                    )
         if self.update_interval is not None:
             parse_time(self.update_interval, "update_interval")
         parse_time(self.ema_start, "ema_start", allow_zero=True)
         _check_choice("ema_dtype", self.ema_dtype, EMA_DTYPES)
+        _check_choice("ema_eval_during_training", self.ema_eval_during_training, EVAL_DURING_TRAINING)
         _check_choice("ema_checkpoint_weights", self.ema_checkpoint_weights, CHECKPOINT_WEIGHTS)
         _check_choice("ema_resume_without_state", self.ema_resume_without_state, RESUME_WITHOUT_STATE)
         _check_choice("ema_buffers", self.ema_buffers, BUFFERS)
@@ -174,36 +262,115 @@ class EMAArguments:
                 f"`ema_device` must be None (the parameters' device) or 'cpu', got {self.ema_device!r}. Use "
                 "ema_device='cpu' to keep the average in host memory."
             )
-        for name in ("ema_eval_training_weights", "ema_skip_non_finite"):
+        for name in ("ema_eval_training_weights", "ema_save_all_averages", "ema_skip_non_finite"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
 
+    # ---- the averages ----
+
+    @property
+    def labels(self) -> list[str]:
+        """The averages' labels, primary first: each value as written (`"2000ba"`, `"0.999"`, `"0.05"`)."""
+        if self.half_life is not None:
+            return [value.strip() for value in _values(self.half_life)]
+        return [str(value) for value in _values(self.smoothing if self.smoothing is not None else self.sigma_rel)]
+
+    @property
+    def primary_label(self) -> str:
+        """The label of the primary average: the one evaluation's `eval_*`, checkpoints and save_model use."""
+        return self.labels[0]
+
+    def _parsed_values(self) -> list:
+        if self.half_life is not None:
+            return [parse_time(value, "half_life") for value in _values(self.half_life)]
+        return _values(self.smoothing if self.smoothing is not None else self.sigma_rel)
+
+    def rules(self) -> dict[str, Rule]:
+        """`{label: rule}` for every average, primary first (see `hf_ema.rules`)."""
+        if self.half_life is not None:
+            rules = [HalfLife(time) for time in self._parsed_values()]
+        elif self.smoothing is not None:
+            rules = [FixedSmoothing(value) for value in _values(self.smoothing)]
+        else:
+            rules = [PowerFunction(gamma_of_sigma_rel(min(value, SIGMA_REL_MAX))) for value in _values(self.sigma_rel)]
+        if self.ema_warmup_power is not None:
+            rules = [Warmup(rule, float(self.ema_warmup_power), float(self.ema_warmup_inv_gamma)) for rule in rules]
+        return dict(zip(self.labels, rules, strict=True))
+
+    # ---- times ----
+
     @property
     def half_life_time(self) -> Time | None:
-        """`half_life` parsed, or None when `smoothing` is used."""
-        return parse_time(self.half_life, "half_life") if self.half_life is not None else None
+        """The primary average's `half_life` parsed, or None when `smoothing` or `sigma_rel` is used."""
+        return self._parsed_values()[0] if self.half_life is not None else None
 
     @property
     def update_interval_time(self) -> Time:
         """`update_interval` parsed, with its default filled in."""
         if self.update_interval is not None:
             return parse_time(self.update_interval, "update_interval")
-        half_life = self.half_life_time
-        if half_life is None or half_life.unit == "dur":
+        units = {time.unit for time in self._parsed_values()} if self.half_life is not None else {"ba"}
+        if len(units) != 1 or "dur" in units:
             return Time(1.0, "ba")
-        return Time(1.0, half_life.unit)
+        return Time(1.0, units.pop())
 
     @property
     def ema_start_time(self) -> Time:
         return parse_time(self.ema_start, "ema_start", allow_zero=True)
 
     def units(self) -> set[str]:
-        """Every time unit these settings use."""
-        times = [self.half_life_time, self.update_interval_time, self.ema_start_time]
-        return {t.unit for t in times if t is not None and (t is not self.ema_start_time or t.value > 0)}
+        """Every time unit these settings need the Trainer to count (a zero start needs none)."""
+        times = list(self._parsed_values()) if self.half_life is not None else []
+        times.append(self.update_interval_time)
+        start = self.ema_start_time
+        if start.value > 0:
+            times.append(start)
+        if self.ema_warmup_power is not None or self.sigma_rel is not None:
+            times.append(Time(1.0, "ba"))
+        return {t.unit for t in times}
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _values(value) -> list:
+    """A scalar or list setting as a list (empty for None)."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+def _one_or_list(value, name: str, convert):
+    """Normalises a setting that takes one value or several: a list of one becomes the value itself."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(f"`{name}` is an empty list; give at least one value, or leave it unset (None).")
+        values = [convert(item, name) for item in value]
+        return values[0] if len(values) == 1 else values
+    return convert(value, name)
+
+
+def _as_time_string(value, name: str) -> str:
+    if not isinstance(value, str):
+        parse_time(value, name)  # raises the TypeError that names the field
+    return value
+
+
+def _as_number(value, name: str):
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"`{name}` must be a number, got {value!r}. Use e.g. {name}=0.999.") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"`{name}` must be a number, got {value!r} of type {type(value).__name__}. Use e.g. {name}=0.999."
+        )
+    return float(value)
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

@@ -7,6 +7,7 @@ import copy
 import logging
 import os
 import sys
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -19,6 +20,7 @@ from .checkpoint import (
     SHARDED_SIDECAR_NAME,
     SIDECAR_NAME,
     EMAStateError,
+    average_prefixes,
     check_fingerprint,
     has_sidecar,
     load_sharded_tensors,
@@ -29,34 +31,41 @@ from .checkpoint import (
     sharded_sidecar_path,
     sidecar_path,
 )
-from .core import first_non_finite
 from .distributed import check_backend, comm_device
+from .placement import TRAINING, Placement
+from .rules import describe
 from .schedule import START, EMASchedule
-from .shadow import ShadowStore
+from .store import EMAStore, average_key
 from .time import Clock
 
 logger = logging.getLogger(__name__)
 
 PREFIX_CHECKPOINT_DIR = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR, checked by a test
 
+# The EMACallback of each running Trainer, keyed by the Trainer's state object (one per Trainer and train() call):
+# every callback of a Trainer sees the same state, so a second EMACallback finds the first here.
+_OWNERS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
 
 class EMACallback(TrainerCallback):
-    """Keeps an exponential moving average of the model weights during `Trainer.train()`.
+    """Keeps exponential moving averages of the model weights during `Trainer.train()`.
 
     Works with the stock `Trainer` and any subclass (TRL's `SFTTrainer` ...). The callback
 
-    - sets the average to the weights at train begin (or at `ema_start`) and updates it after optimizer steps, per
-      `EMAArguments` (never per micro-batch; optimizer steps that were skipped do not update it);
-    - swaps the EMA weights into the model, in place, for the evaluations and checkpoints the Trainer runs during
-      training, and swaps the training weights back afterwards;
+    - sets the averages to the weights at train begin (or at `ema_start`) and updates them after optimizer steps, per
+      `EMAArguments` (never per micro-batch; optimizer steps that were skipped do not update them);
+    - places the primary average into the model, in place, for the evaluations and checkpoints the Trainer runs
+      during training, and the training weights back afterwards (`hf_ema.placement.HOOKS` says which, hook by hook);
     - writes the EMA state into each checkpoint (before the Trainer writes the model files): `ema_state.safetensors`,
-      or `ema_state/` sharded by rank for FSDP2 and DeepSpeed ZeRO-3, and reads it back on resume, so the average
+      or `ema_state/` sharded by rank for FSDP2 and DeepSpeed ZeRO-3, and reads it back on resume, so every average
       continues exactly;
-    - leaves the EMA weights in the model when training ends (the training weights stay available through
+    - leaves the primary average in the model when training ends (the training weights stay available through
       `training_model()` / `training_weights()`, and a later `train()` continues from them).
 
-    Manual calls after training (`trainer.evaluate()`, `save_model()`, `push_to_hub()`) use the EMA weights because
-    the model holds them. During training, only `EMATrainer` makes manual calls use the EMA too.
+    Manual calls after training (`trainer.evaluate()`, `save_model()`, `push_to_hub()`) use the primary average
+    because the model holds it. During training, only `EMAMixin` trainers (`EMATrainer`) make manual calls use the
+    EMA too, evaluate the other averages and the training weights, and export every average. One EMACallback per
+    Trainer: keep several averages in one (`EMAArguments(half_life=["500ba", "2000ba"])`); a second is refused.
 
     Args:
         ema_args (`EMAArguments`, *optional*): the EMA settings; defaults to `EMAArguments()` (half-life 1000ba).
@@ -69,10 +78,11 @@ class EMACallback(TrainerCallback):
     from transformers import Trainer
     from hf_ema import EMAArguments, EMACallback
 
-    ema = EMACallback(EMAArguments(half_life="50ba"))
+    ema = EMACallback(EMAArguments(half_life=["50ba", "200ba"]))
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val, callbacks=[ema])
-    trainer.train()  # evaluations during training use the EMA; afterwards the model holds it
+    trainer.train()  # evaluations during training use the primary (50ba); afterwards the model holds it
     raw = ema.training_model()
+    slow = ema.ema_models()["200ba"]
     ```
     """
 
@@ -89,19 +99,34 @@ class EMACallback(TrainerCallback):
         self.ema_args = ema_args
         self.resume_from_checkpoint = resume_from_checkpoint
         self.schedule = self._new_schedule()
-        self.store: ShadowStore | None = None
+        self.store: EMAStore | None = None
         self.model: nn.Module | None = None
-        self._window = False  # EMA swapped in by the callback for a training-time evaluation or save
+        self.placement = Placement(lambda: self.store, lambda: self.model)
+        self.trainer = None  # an EMAMixin trainer that bound itself (see `bind`)
+        self.training = False  # between on_train_begin and on_train_end
         self._sidecar_step: int | None = None
-        self._managed_by_trainer = False  # EMATrainer writes the sidecar itself, into the right run folder
         self._told_not_started = False
         self._sharded = False
 
     # ---- public helpers ----
 
+    def bind(self, trainer) -> None:
+        """Called by an `EMAMixin` trainer: it writes the EMA state into its checkpoints itself (into the folder it
+        really saves to), wraps its own evaluations, and gathers ZeRO-3 weights for its saves."""
+        self.trainer = trainer
+
+    @property
+    def labels(self) -> list[str]:
+        """The averages' labels, primary first."""
+        return self.ema_args.labels
+
+    @property
+    def primary_label(self) -> str:
+        return self.ema_args.primary_label
+
     @property
     def started(self) -> bool:
-        """Whether averaging has begun (before it, the EMA weights are the training weights)."""
+        """Whether averaging has begun (before it, every average equals the training weights)."""
         return self.store is not None and self.schedule.started
 
     @property
@@ -109,51 +134,51 @@ class EMACallback(TrainerCallback):
         return self.schedule.num_updates
 
     @contextlib.contextmanager
-    def ema_weights(self, model: nn.Module | None = None) -> Iterator[nn.Module]:
-        """Runs the block with the EMA weights in the model, swapped in place (no copy where dtypes match).
+    def ema_weights(self, model: nn.Module | None = None, label: str | None = None) -> Iterator[nn.Module]:
+        """Runs the block with an average (the primary by default) in the model, placed in place (no copy where
+        dtypes match).
 
-        Re-entrant; the weights that were in the model before are back afterwards, also when the block raises.
+        Explicit: it wins over the EMA wrappers of `EMAMixin` inside it (`trainer.evaluate()` in the block evaluates
+        this average). The weights that were in the model before are back afterwards, also when the block raises.
         Before averaging starts the block runs on the training weights (logged once).
         """
         model = self._resolve(model)
-        if not self.started:
-            if not self._told_not_started:
-                logger.info("EMA averaging has not started yet; using the training weights.")
-                self._told_not_started = True
+        label = self._check_label(label)
+        self.note_if_not_started()
+        with self.placement.holding(label, explicit=True):
             yield model
-            return
-        if self.store.ema_in_model:
-            yield model
-            return
-        self.store.swap_in(model)
-        try:
-            yield model
-        finally:
-            if self.store.ema_in_model:
-                self.store.swap_out(model)
+
+    def note_if_not_started(self) -> None:
+        """Logs once that the EMA weights asked for are the training weights, averaging not having started."""
+        if not self.started and not self._told_not_started:
+            logger.info("EMA averaging has not started yet; using the training weights.")
+            self._told_not_started = True
 
     @contextlib.contextmanager
     def training_weights(self, model: nn.Module | None = None) -> Iterator[nn.Module]:
-        """Runs the block with the training weights in the model (swapped in place), restoring what was there."""
-        model = self._resolve(model)
-        if not self.started or not self.store.ema_in_model:
-            yield model
-            return
-        self.store.swap_out(model)
-        try:
-            yield model
-        finally:
-            if not self.store.ema_in_model:
-                self.store.swap_in(model)
+        """Runs the block with the training weights in the model (placed in place), restoring what was there.
 
-    def ema_model(self, model: nn.Module | None = None) -> nn.Module:
-        """A new, independent module holding the EMA weights (the training weights before averaging starts)."""
+        Explicit: it wins over the EMA wrappers of `EMAMixin` inside it, so `trainer.evaluate()`, `predict()` and
+        `save_model()` in the block use the training weights.
+        """
         model = self._resolve(model)
+        with self.placement.holding(TRAINING, explicit=True):
+            yield model
+
+    def ema_model(self, model: nn.Module | None = None, label: str | None = None) -> nn.Module:
+        """A new, independent module holding an average (the primary by default; the training weights before
+        averaging starts)."""
+        model = self._resolve(model)
+        label = self._check_label(label)
         self._refuse_copy_of_zero3("ema_model()", "ema_weights()")
         copied = copy.deepcopy(model)
         if self.started:
-            self.store.copy_ema_to(copied, model)
+            self.store.copy_ema_to(copied, model, label)
         return copied
+
+    def ema_models(self, model: nn.Module | None = None) -> dict[str, nn.Module]:
+        """`{label: independent module}` for every average, primary first."""
+        return {label: self.ema_model(model, label) for label in self.labels}
 
     def training_model(self, model: nn.Module | None = None) -> nn.Module:
         """A new, independent module holding the training weights."""
@@ -166,99 +191,135 @@ class EMACallback(TrainerCallback):
 
     def restore_training_weights(self) -> None:
         """Puts the training weights back into the model (e.g. after an exception escaped `train()`)."""
-        self._window = False
-        if self.store is not None and self.model is not None:
-            self.store.swap_out(self.model)
+        self.placement.place(TRAINING)
 
-    def save_state(self, checkpoint_dir: str, args: TrainingArguments, state: TrainerState) -> str | None:
+    def save_state(
+        self, checkpoint_dir: str, args: TrainingArguments, state: TrainerState, model_files: str | None = ...
+    ) -> str | None:
         """Writes the EMA state for the checkpoint of `state.global_step` into `checkpoint_dir`.
 
-        Every rank must call it. Whole tensors (one device, DDP, ZeRO-1/2) go into `ema_state.safetensors`, written by
-        the main process; sharded ones (FSDP2, ZeRO-3) into the `ema_state/` folder, each rank writing its own shards
-        with torch.distributed.checkpoint. Returns the path written on the main process, else None (also when it was
+        `model_files` is what the checkpoint's model files hold (an average's label, or None for the training
+        weights); by default, what the model holds now. It is recorded, and decides whether the training weights
+        are saved too. Every rank must call it. Whole tensors (one device, DDP, ZeRO-1/2) go into `ema_state.safetensors`, written by the main
+        process; sharded ones (FSDP2, ZeRO-3) into the `ema_state/` folder, each rank writing its own shards with
+        torch.distributed.checkpoint. Returns the path written on the main process, else None (also when it was
         written for this step already).
         """
         if self._sidecar_step == state.global_step:
             return None
         self._sidecar_step = state.global_step
-        holds_ema = self.started and self.ema_args.ema_checkpoint_weights == "ema"
+        holds = self.placement.holds if model_files is ... else model_files
         self._check_finite(state, f"The checkpoint in {checkpoint_dir} was not given EMA state")
         if self._sharded or (self.started and self.store.sharded):
             # One process finishes the folder (a rename), on a filesystem all ranks share, as DCP needs: the global
             # main process, also with save_on_each_node.
-            meta = self._sidecar_meta(state, holds_ema) if args.process_index == 0 else None
-            tensors = self.store.sharded_state(self.model, holds_ema) if self.started else {}
+            meta = self._sidecar_meta(state, holds) if args.process_index == 0 else None
+            tensors = self.store.sharded_state(self.model, holds is not None) if self.started else {}
             return save_sharded_sidecar(checkpoint_dir, meta, tensors)
         if not args.should_save:
             return None
-        meta = self._sidecar_meta(state, holds_ema)
-        ema = self.store.ema_tensors(self.model) if self.started else {}
-        training = self.store.training_tensors(self.model) if holds_ema else None
-        return save_sidecar(checkpoint_dir, meta, ema, training)
+        tensors = {}
+        if self.started:
+            for label in self.store.labels:
+                ema = self.store.ema_tensors(self.model, label)
+                tensors.update({average_key(label, n): t for n, t in ema.items()})
+            if holds is not None:
+                tensors.update({f"training/{n}": t for n, t in self.store.training_tensors(self.model).items()})
+        return save_sidecar(checkpoint_dir, self._sidecar_meta(state, holds), tensors)
 
-    def _sidecar_meta(self, state: TrainerState, holds_ema: bool) -> dict:
+    def _sidecar_meta(self, state: TrainerState, holds: str | None) -> dict:
+        rules = self.schedule.rules
         return {
             "hf_ema_version": __version__,
             "global_step": state.global_step,
             "schedule": self.schedule.state_dict(),
             "ema_args": self.ema_args.to_dict(),
-            "model_files": "ema" if holds_ema else "training",
+            "averages": list(rules),
+            "rules": {label: describe(rule) for label, rule in rules.items()},
+            "model_files": "training" if holds is None else "ema",
+            "model_files_average": holds,
             "fingerprint": self.store.fingerprint() if self.started else None,
             "flat_names": self.store.flat_names if self.started else [],
         }
 
     # ---- Trainer hooks ----
 
+    def on_init_end(self, args, state, control, **kwargs):
+        self._claim(state)
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._claim(state)
         if self.store is not None and self.store.ema_in_model:
             if state.global_step > 0 or model is not self.model:
                 self.store.discard_swap()  # the model was reloaded or replaced; what it held is gone
             else:
-                self.store.swap_out(self.model)  # a second train(): continue from the training weights
+                self.placement.place(TRAINING)  # a second train(): continue from the training weights
         self.model = model
         if self.store is not None:
             self.store.close()
-        self.store, self._window, self._sidecar_step = None, False, None
+        self.store, self._sidecar_step, self.training = None, None, True
         self.schedule = self._new_schedule()
         self._check_units(args, state)
         self._sharded = self._check_backend(args, model) == "sharded"
+        self._tell_what_a_stock_trainer_skips(args)
         if state.global_step > 0:
             self._resume(args, state, model)
         elif self.schedule.starts_at_zero:
             self._start(args, state)
+        self._apply("on_train_begin", args, control)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._close_window()
+        self._apply("on_step_begin", args, control)
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self._close_window()
+        self._apply("on_epoch_begin", args, control)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.store is not None:
             self.store.fence()  # an offloaded update's copies must be out before the weights change
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
-        self._close_window()
+        self.placement.place(TRAINING)  # the update reads the training weights
         if getattr(optimizer, "step_was_skipped", False):
             logger.debug("Optimizer step %d was skipped (fp16 overflow); the EMA is not updated.", state.global_step)
         else:
             self._advance(args, state)
-        self._open_window(args, state, control)
+        self._apply("on_step_end", args, control)
+        self._write_state_before_save(args, state, control)
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        self._close_window()
+        self.placement.place(TRAINING)
         self._advance(args, state)  # at most one action per step: a no-op when on_step_end already acted
-        self._open_window(args, state, control)
+        self._apply("on_epoch_end", args, control)
+        self._write_state_before_save(args, state, control)
 
     def on_evaluate(self, args, state, control, **kwargs):
-        # Keep the EMA in for a checkpoint that follows; with save_strategy="best" the Trainer decides after this
-        # hook, so the weights go back at the next hook instead (on_save, on_step_begin, ...).
-        if self._window and not (self._checkpoint_wants_ema() and control.should_save) and not _is_best(args):
-            self._close_window()
+        if self.training and self.started and self.placement.holds is TRAINING and not self.placement.explicit:
+            logger.warning(
+                "The evaluation at step %d ran on the training weights, not the EMA: control.should_evaluate was "
+                "set after EMACallback.on_step_end, by a callback listed after it. Put EMACallback last in "
+                "`callbacks` (or use EMATrainer, whose evaluate() always uses the EMA).",
+                state.global_step,
+            )
+        self._apply("on_evaluate", args, control)
 
     def on_save(self, args, state, control, **kwargs):
+        if (
+            self.trainer is None
+            and self.started
+            and self._checkpoint_wants_ema()
+            and self.placement.holds is TRAINING
+            and self._sidecar_step != state.global_step
+            and state.trial_name is None
+        ):
+            logger.warning(
+                "checkpoint-%d holds the training weights in its model files (its EMA state says so, and resuming "
+                "from it is exact): control.should_save was set after EMACallback.on_step_end, by a callback listed "
+                "after it. Put EMACallback last in `callbacks`, or use EMATrainer.",
+                state.global_step,
+            )
         self._write_checkpoint_state(args, state)
-        self._close_window()
+        self._apply("on_save", args, control)
 
     def on_push_begin(self, args, state, control, **kwargs):
         # An intermediate hub push runs inside the Trainer's checkpoint save, before rotation: the sidecar must be
@@ -273,24 +334,65 @@ class EMACallback(TrainerCallback):
             # The Trainer loaded the best checkpoint's model files into the model; take its EMA state with them.
             if self.store is not None:
                 self.store.discard_swap()
-            self._window = False
             self._load_best(args, state, model)
-        else:
-            self._close_window()
         if self.started:
+            self.placement.place(TRAINING)
             self._check_finite(state, "The EMA weights were not put into the model; it holds the training weights")
-            self.store.swap_in(model)  # what the user does next (save, push, evaluate) uses the EMA
+        self._apply("on_train_end", args, control)  # what the user does next (save, push, evaluate) uses the EMA
+        self.training = False
 
     # ---- internals ----
 
+    def _apply(self, hook: str, args: TrainingArguments, control: TrainerControl) -> None:
+        """Places what `hook`'s row of `hf_ema.placement.HOOKS` asks for, during train() and outside the user's
+        explicit blocks."""
+        if not self.training or self.placement.explicit:
+            return
+        target = self.placement.for_hook(
+            hook,
+            evaluates=control.should_evaluate,
+            saves_ema=control.should_save and self._checkpoint_wants_ema(),
+            best_pending=_is_best(args),
+        )
+        self.placement.place(target)
+
+    def _claim(self, state: TrainerState) -> None:
+        """Refuses a second EMACallback on the same Trainer: each would place its average into the same model, and
+        one would take the other's average for the training weights."""
+        for key in [k for k, (s, c) in _OWNERS.items() if s() is None or c() is None]:
+            del _OWNERS[key]
+        owner = _OWNERS.get(id(state))
+        if owner is not None and owner[0]() is state and owner[1]() is not self:
+            raise ValueError(
+                "This Trainer already has an EMACallback; a second one would place its average into the same model "
+                "and corrupt the training weights. Keep several averages in one callback instead: "
+                "EMACallback(EMAArguments(half_life=['500ba', '2000ba'])) (or smoothing=[...], sigma_rel=[...]). "
+                "With EMATrainer, pass ema_args=EMAArguments(...) and add no EMACallback."
+            )
+        _OWNERS[id(state)] = (weakref.ref(state), weakref.ref(self))
+
+    def _tell_what_a_stock_trainer_skips(self, args: TrainingArguments) -> None:
+        if self.trainer is not None or not args.should_log:
+            return
+        a = self.ema_args
+        if a.ema_eval_training_weights:
+            logger.warning(
+                "ema_eval_training_weights=True has no effect with a stock Trainer and EMACallback: only EMATrainer "
+                "(or a Trainer subclass mixing in hf_ema.EMAMixin) evaluates the training weights beside the EMA. "
+                "Use EMATrainer, or evaluate them after training in `with callback.training_weights(): ...`."
+            )
+        if len(a.labels) > 1:
+            logger.warning(
+                "With a stock Trainer, evaluations during training run on the primary average (%s) only; the others "
+                "(%s) are kept, checkpointed and available through callback.ema_models(). EMATrainer (or EMAMixin) "
+                "evaluates all of them.",
+                a.primary_label,
+                ", ".join(a.labels[1:]),
+            )
+
     def _new_schedule(self) -> EMASchedule:
         a = self.ema_args
-        return EMASchedule(
-            update_interval=a.update_interval_time,
-            ema_start=a.ema_start_time,
-            half_life=a.half_life_time,
-            smoothing=a.smoothing,
-        )
+        return EMASchedule(update_interval=a.update_interval_time, ema_start=a.ema_start_time, rules=a.rules())
 
     def _resolve(self, model: nn.Module | None) -> nn.Module:
         model = model if model is not None else self.model
@@ -298,12 +400,22 @@ class EMACallback(TrainerCallback):
             raise RuntimeError("EMACallback has no model yet: pass `model`, or call this after `trainer.train()`.")
         return model
 
+    def _check_label(self, label: str | None) -> str:
+        if label is None:
+            return self.primary_label
+        if label not in self.labels:
+            raise KeyError(
+                f"No average labelled {label!r}; the averages are {self.labels} (labels are the values as given to "
+                "EMAArguments, e.g. '2000ba' or '0.05')."
+            )
+        return label
+
     def _check_backend(self, args: TrainingArguments, model: nn.Module) -> str:
         config = deepspeed_config(args)
         layout = check_backend(model, config)
         zero = (config or {}).get("zero_optimization") or {}
         gathers = zero.get("stage3_gather_16bit_weights_on_model_save", zero.get("gather_16bit_weights_on_model_save"))
-        if zero.get("stage") == 3 and not gathers and not self._managed_by_trainer:
+        if zero.get("stage") == 3 and not gathers and self.trainer is None:
             raise ValueError(
                 "DeepSpeed ZeRO-3 with stage3_gather_16bit_weights_on_model_save=false: the stock Trainer's "
                 "save_model() then writes a DeepSpeed checkpoint, whose weights (zero_to_fp32.py) are the "
@@ -340,19 +452,23 @@ class EMACallback(TrainerCallback):
                 "epochs are not known. Give the times in 'ba', 'sp' or 'dur' instead."
             )
 
-    def _new_store(self, model: nn.Module) -> ShadowStore:
+    def _new_store(self, model: nn.Module) -> EMAStore:
         if self.store is not None:
             self.store.close()
         a = self.ema_args
-        return ShadowStore(model, a.ema_dtype, device=a.ema_device, buffers=a.ema_buffers)
+        return EMAStore(model, a.ema_dtype, device=a.ema_device, buffers=a.ema_buffers, labels=a.labels)
 
     def _start(self, args: TrainingArguments, state: TrainerState) -> None:
         self.store = self._new_store(self.model)
         self.schedule.start(self._clock(args, state), state.global_step)
+        self._log_start(args, state)
+
+    def _log_start(self, args: TrainingArguments, state: TrainerState) -> None:
         if args.should_log:
             logger.info(
-                "EMA started at step %d: %d tensors, %d elements, %.1f MiB of averages.",
+                "EMA started at step %d: %d average(s) of %d tensors, %d elements each, %.1f MiB in all.",
                 state.global_step,
+                len(self.store.labels),
                 len(self.store.names()),
                 self.store.numel(),
                 self.store.nbytes() / 2**20,
@@ -361,7 +477,7 @@ class EMACallback(TrainerCallback):
     def _advance(self, args: TrainingArguments, state: TrainerState) -> None:
         before = self.schedule.state_dict() if self.ema_args.ema_skip_non_finite else None
         action = self.schedule.step(self._clock(args, state), state.global_step)
-        if isinstance(action, float) and before is not None:
+        if isinstance(action, dict) and before is not None:
             bad = self._on_any_rank(self.store.non_finite_training(self.model))  # skip everywhere if any rank must
             if bad is not None:
                 self.schedule.load_state_dict(before)  # the next update spans this step's time too
@@ -373,6 +489,7 @@ class EMACallback(TrainerCallback):
                 return
         if action == START:
             self.store = self._new_store(self.model)
+            self._log_start(args, state)
         elif action is not None:
             self.store.update_(self.model, action)
 
@@ -385,11 +502,10 @@ class EMACallback(TrainerCallback):
         return bad or ("a tensor shard on another rank" if flag.item() else None)
 
     def _check_finite(self, state: TrainerState, consequence: str) -> None:
-        """Raises if the average holds NaN or Inf (on any rank's shards): one host sync, at checkpoints and the end."""
+        """Raises if an average holds NaN or Inf (on any rank's shards): one host sync, at checkpoints and the end."""
         if not self.started:
             return
-        ema = self.store.ema_tensors(self.model)
-        bad = self._on_any_rank(first_non_finite(list(ema), list(ema.values())))
+        bad = self._on_any_rank(self.store.non_finite_average(self.model))
         if bad is None:
             return
         raise FloatingPointError(
@@ -402,36 +518,32 @@ class EMACallback(TrainerCallback):
     def _checkpoint_wants_ema(self) -> bool:
         return self.ema_args.ema_checkpoint_weights == "ema"
 
-    def _open_window(self, args: TrainingArguments, state: TrainerState, control: TrainerControl) -> None:
-        if not self.started:
-            return
-        if control.should_evaluate or (control.should_save and self._checkpoint_wants_ema()):
-            self.store.swap_in(self.model)
-            self._window = True
-        if control.should_save and not self._managed_by_trainer:
-            # Before the Trainer writes the model files, hub pushes or rotation: a crash leaves no checkpoint
-            # whose EMA state is missing. (With hyper-parameter search the folder differs; on_save writes it then.)
-            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-            if state.trial_name is None:
-                self.save_state(folder, args, state)
-
-    def _close_window(self) -> None:
-        if self._window:
-            self._window = False
-            self.store.swap_out(self.model)
+    def _write_state_before_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl) -> None:
+        # Before the Trainer writes the model files, hub pushes or rotation: a crash leaves no checkpoint whose EMA
+        # state is missing. An EMAMixin trainer writes it itself, into the folder it really saves to; with
+        # hyper-parameter search the folder differs, so on_save writes it then.
+        if control.should_save and self.trainer is None and state.trial_name is None:
+            # The model files get what the model holds when the Trainer saves, after an evaluation that may come
+            # first: the primary average if checkpoints hold the EMA (on_evaluate keeps it for the save), else the
+            # training weights.
+            model_files = self.placement.primary if self._checkpoint_wants_ema() else TRAINING
+            self.save_state(self._run_checkpoint(args, state), args, state, model_files=model_files)
 
     def _write_checkpoint_state(self, args: TrainingArguments, state: TrainerState) -> None:
         # Called on every rank (sharded averages are gathered); the main process writes. Hyper-parameter search
         # trials save under output_dir/run-<id>/, a folder callbacks are not told: EMATrainer writes those itself.
         if state.trial_name is not None:
             return
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        self.save_state(folder, args, state)
+        self.save_state(self._run_checkpoint(args, state), args, state)
+
+    @staticmethod
+    def _run_checkpoint(args: TrainingArguments, state: TrainerState) -> str:
+        return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
     def _checkpoint_folder(self, args: TrainingArguments, state: TrainerState) -> str:
         if self.resume_from_checkpoint is not None:
             return os.fspath(self.resume_from_checkpoint)
-        return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        return self._run_checkpoint(args, state)
 
     def _resume(self, args: TrainingArguments, state: TrainerState, model: nn.Module) -> None:
         folder = self._checkpoint_folder(args, state)
@@ -473,7 +585,8 @@ class EMACallback(TrainerCallback):
             ) from error
 
     def _load_state(self, folder: str, model: nn.Module, expected_step: int | None) -> None:
-        # A folder written sharded (FSDP2, ZeRO-3) or whole; either loads into either layout, at any world size.
+        # A folder written sharded (FSDP2, ZeRO-3) or whole, in format 1 or 2; either loads into either layout, at
+        # any world size.
         sharded = os.path.isdir(sharded_sidecar_path(folder)) and not os.path.isfile(sidecar_path(folder))
         path = sharded_sidecar_path(folder) if sharded else sidecar_path(folder)
         sidecar = None if sharded else load_sidecar(folder)
@@ -485,14 +598,18 @@ class EMACallback(TrainerCallback):
             )
         if meta.get("ema_args") != self.ema_args.to_dict():
             logger.warning(
-                "The EMA settings differ from those in %s (%s now, %s then); the average continues with the new "
+                "The EMA settings differ from those in %s (%s now, %s then); the averages continue with the new "
                 "settings.",
                 path,
                 self.ema_args.to_dict(),
                 meta.get("ema_args"),
             )
+        prefixes = self._match_averages(path, average_prefixes(meta))
         schedule = self._new_schedule()
-        schedule.load_state_dict(meta["schedule"])
+        try:
+            schedule.load_state_dict(meta["schedule"])
+        except ValueError as error:
+            raise EMAStateError(f"{path}: {error}. Resume without the warmup, or from a newer checkpoint.") from error
         if not schedule.started:
             self.schedule, self.store = schedule, None
             return
@@ -501,14 +618,41 @@ class EMACallback(TrainerCallback):
         with_training = meta["model_files"] == "ema"
         if sharded:
             saved_flat = meta.get("flat_names", [])
-            tensors = store.empty_sharded_state(model, with_training, saved_flat)
+            tensors = store.empty_sharded_state(model, prefixes, with_training, saved_flat)
             load_sharded_tensors(folder, tensors)
-            store.load_sharded_(model, tensors, saved_flat)
+            store.load_sharded_(model, tensors, prefixes, saved_flat)
         else:
-            if with_training and sidecar.training is None:
-                raise EMAStateError(f"{path} says the model files hold EMA weights but has no training weights.")
-            store.load_state_(model, sidecar.ema, sidecar.training if with_training else None)
+            found = sidecar.tensors
+            keys = [f"{p}/{n}" for p in prefixes.values() for n in store.names()]
+            keys += [f"training/{n}" for n in store.names()] if with_training else []
+            missing = [key for key in keys if key not in found]
+            if missing:
+                what = (
+                    "says the model files hold EMA weights but has no training weights"
+                    if all(key.startswith("training/") for key in missing)
+                    else "lacks tensors its metadata promises"
+                )
+                raise EMAStateError(
+                    f"{path} {what} ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); it is incomplete "
+                    "or was edited."
+                )
+            ema = {label: {n: found[f"{p}/{n}"] for n in store.names()} for label, p in prefixes.items()}
+            training = {n: found[f"training/{n}"] for n in store.names()} if with_training else None
+            store.load_state_(model, ema, training)
         self.schedule, self.store = schedule, store
+
+    def _match_averages(self, path: str, saved: dict[str, str]) -> dict[str, str]:
+        """`{label now: key prefix in the file}`: the same labels, or one average renamed (its settings changed)."""
+        labels = self.labels
+        if set(saved) == set(labels):
+            return {label: saved[label] for label in labels}
+        if len(saved) == 1 and len(labels) == 1:
+            return {labels[0]: next(iter(saved.values()))}
+        raise EMAStateError(
+            f"{path} holds the averages {list(saved)}, but the EMA settings ask for {labels}; an average missing "
+            "from the checkpoint cannot continue exactly and one missing from the settings would be dropped. Resume "
+            f"with the averages the checkpoint holds (e.g. EMAArguments(half_life={list(saved)}) for half-lives)."
+        )
 
     def _load_best(self, args: TrainingArguments, state: TrainerState, model: nn.Module) -> None:
         folder = state.best_model_checkpoint

@@ -3,12 +3,15 @@
 A checkpoint written with EMA holds its EMA state beside the model files, in one of two forms:
 
 - `ema_state.safetensors` (models whose parameters are whole on every rank: one device, DDP, DeepSpeed ZeRO-1/2).
-  Its tensors are `ema/<name>` (the averages, in full shadow precision) and, when the model files hold the EMA
-  weights, `training/<name>` (the training weights they cannot give back). Its safetensors metadata key `hf_ema` is
-  a JSON document with the format version, the counters, the settings and a fingerprint of the tracked tensors.
+  Its tensors are `average/<label>/<name>` (every average, in full precision) and, when the model files hold an
+  average, `training/<name>` (the training weights they cannot give back). Its safetensors metadata key `hf_ema` is
+  a JSON document with the format version, the averages' labels and rules, the counters, the settings and a
+  fingerprint of the tracked tensors.
 - `ema_state/` (sharded models: FSDP2, DeepSpeed ZeRO-3): a torch.distributed.checkpoint folder with the same
   tensor names, each rank writing its own shards (no gather), plus `hf_ema.json` holding the same JSON document.
   It loads at another world size too.
+
+Format 1 (hf-ema 0.1) held one average, as `ema/<name>`; it still loads (`average_prefixes`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from safetensors.torch import save_file
 
 SIDECAR_NAME = "ema_state.safetensors"
 SHARDED_SIDECAR_NAME = "ema_state"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _METADATA_KEY = "hf_ema"
 _META_FILE = "hf_ema.json"
 
@@ -42,8 +45,7 @@ class Sidecar:
     """What a checkpoint's EMA sidecar holds."""
 
     meta: dict
-    ema: dict[str, torch.Tensor]
-    training: dict[str, torch.Tensor] | None
+    tensors: dict[str, torch.Tensor]
 
 
 def sidecar_path(checkpoint_dir: str | os.PathLike) -> str:
@@ -72,21 +74,14 @@ def _fsync_dir(directory: str) -> None:
         pass
 
 
-def save_sidecar(
-    checkpoint_dir: str | os.PathLike,
-    meta: Mapping,
-    ema: Mapping[str, torch.Tensor],
-    training: Mapping[str, torch.Tensor] | None = None,
-) -> str:
+def save_sidecar(checkpoint_dir: str | os.PathLike, meta: Mapping, tensors: Mapping[str, torch.Tensor]) -> str:
     """Writes the sidecar atomically: a temporary file in the same folder, fsync, rename, fsync of the folder.
 
     A crash at any point leaves either no sidecar or the previous complete one, never a half-written file.
     """
     directory = os.fspath(checkpoint_dir)
     os.makedirs(directory, exist_ok=True)
-    tensors = {f"ema/{n}": t.detach().to("cpu").contiguous() for n, t in ema.items()}
-    if training is not None:
-        tensors.update({f"training/{n}": t.detach().to("cpu").contiguous() for n, t in training.items()})
+    tensors = {key: t.detach().to("cpu").contiguous() for key, t in tensors.items()}
     metadata = {_METADATA_KEY: json.dumps({**meta, "format_version": FORMAT_VERSION}, sort_keys=True)}
     fd, temp = tempfile.mkstemp(prefix=".ema_state.", suffix=".tmp", dir=directory)
     os.close(fd)
@@ -109,7 +104,7 @@ def save_sharded_sidecar(
 ) -> str | None:
     """Writes the sharded sidecar with torch.distributed.checkpoint: a collective every rank calls.
 
-    `state` maps `ema/<name>` and `training/<name>` to DTensors over this rank's shards (plain tensors for
+    `state` maps `average/<label>/<name>` and `training/<name>` to DTensors over this rank's shards (plain tensors for
     replicated ones, which rank 0 writes). Each rank writes its own shards into a temporary folder; the main process
     (the one given `meta`) adds `hf_ema.json` and renames the folder into place. A crash leaves no `ema_state/`
     (or the previous complete one until the rename), never a partial one. Returns the folder on the main process.
@@ -203,10 +198,7 @@ def load_sidecar(checkpoint_dir: str | os.PathLike, device: torch.device | str =
             if _METADATA_KEY not in metadata:
                 raise EMAStateError(f"{path} has no '{_METADATA_KEY}' metadata; it was not written by hf-ema.")
             meta = json.loads(metadata[_METADATA_KEY])
-            ema, training = {}, {}
-            for key in handle.keys():
-                kind, _, name = key.partition("/")
-                (ema if kind == "ema" else training)[name] = handle.get_tensor(key)
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except EMAStateError:
         raise
     except Exception as error:  # safetensors raises its own error types for truncated or garbled files
@@ -214,7 +206,16 @@ def load_sidecar(checkpoint_dir: str | os.PathLike, device: torch.device | str =
             f"{path} is corrupt or truncated and cannot be read ({type(error).__name__}: {error})."
         ) from error
     _check_version(path, meta)
-    return Sidecar(meta=meta, ema=ema, training=training if training else None)
+    return Sidecar(meta=meta, tensors=tensors)
+
+
+def average_prefixes(meta: Mapping) -> dict[str, str]:
+    """`{label: key prefix}` of the averages an EMA state holds, primary first, for either format version."""
+    if meta.get("format_version", 1) >= 2:
+        return {label: f"average/{label}" for label in meta["averages"]}
+    args = meta.get("ema_args") or {}  # format 1: one average, labelled as EMAArguments labels it today
+    label = args.get("half_life") if args.get("half_life") is not None else str(args.get("smoothing"))
+    return {str(label).strip(): "ema"}
 
 
 def _check_version(path: str, meta: dict) -> None:

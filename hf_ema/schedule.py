@@ -1,58 +1,59 @@
-"""When the average starts and updates, and with which smoothing. Pure: no torch, no transformers.
+"""When the averages start and update, and with which smoothing. Pure: no torch, no transformers.
 
-The schedule is told the clock at the end of each optimizer step (and of each epoch) and answers what to do.
+The schedule is told the clock at the end of each optimizer step (and of each epoch) and answers what to do; the
+smoothing of each average comes from its rule (`hf_ema.rules`), given the schedule's counters.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
+from .rules import Counters, HalfLife, Rule, needs_start
 from .time import Clock, Time, reached
 
 START = "start"
-"""`EMASchedule.step` returns this when the shadow is to be set to the current weights."""
+"""`EMASchedule.step` returns this when the averages are to be set to the current weights."""
 
 
 def smoothing_from_half_life(elapsed: float, half_life: float) -> float:
     """Smoothing of one update after `elapsed` time, for a half-life in the same unit: `2 ** (-elapsed / half_life)`."""
-    return 2.0 ** (-elapsed / half_life)
+    return HalfLife(Time(half_life, "ba"))(Counters(Clock(ba=elapsed), Clock(), Clock()))
 
 
 @dataclass
 class EMASchedule:
-    """The EMA schedule of DESIGN.md section 2, with its counters.
+    """The EMA schedule of DESIGN.md section 2, with its counters, shared by every average.
 
     Args:
         update_interval (`Time`): how much the clock must advance between updates.
         ema_start (`Time`): when averaging begins; a zero start begins at train begin.
-        half_life (`Time`, *optional*): the half-life; the smoothing of an update is `2 ** (-elapsed / half_life)`
-            with `elapsed` the time since the previous update (or the start) in half_life's unit.
-        smoothing (`float`, *optional*): a fixed smoothing per update, used when `half_life` is None.
+        rules (`Mapping[str, Rule]`): the rule of each average, by label, primary first.
     """
 
     update_interval: Time
     ema_start: Time
-    half_life: Time | None = None
-    smoothing: float | None = None
+    rules: Mapping[str, Rule] = field(default_factory=dict)
     started: bool = False
+    start_clock: Clock | None = None
     last_clock: Clock | None = None
     last_step: int = -1
     num_updates: int = 0
 
     def __post_init__(self) -> None:
-        if (self.half_life is None) == (self.smoothing is None):
-            raise ValueError("EMASchedule needs exactly one of `half_life` and `smoothing`.")
+        if not self.rules:
+            raise ValueError("EMASchedule needs at least one rule.")
 
     @property
     def starts_at_zero(self) -> bool:
         return self.ema_start.value == 0
 
-    def step(self, clock: Clock, step: int) -> str | float | None:
+    def step(self, clock: Clock, step: int) -> str | dict[str, float] | None:
         """Says what to do at the end of optimizer step `step` (`global_step`) with the clock at `clock`.
 
-        Returns `START` (set the shadow to the current weights), a smoothing in (0, 1] (update the shadow with it), or
-        None (nothing to do). At most one action per step: asking twice for the same step (end of step, then end of
-        epoch) answers None the second time.
+        Returns `START` (set the averages to the current weights), `{label: smoothing}` (update each average with its
+        smoothing), or None (nothing to do). At most one action per step: asking twice for the same step (end of step,
+        then end of epoch) answers None the second time.
         """
         if step == self.last_step:
             return None
@@ -61,33 +62,39 @@ class EMASchedule:
                 self.start(clock, step)
                 return START
             return None
-        assert self.last_clock is not None
         interval = self.update_interval
         if not reached(clock[interval.unit] - self.last_clock[interval.unit], interval.value):
             return None
-        if self.half_life is not None:
-            elapsed = clock[self.half_life.unit] - self.last_clock[self.half_life.unit]
-            smoothing = smoothing_from_half_life(max(elapsed, 0.0), self.half_life.value)
-        else:
-            smoothing = float(self.smoothing)
+        counters = Counters(now=clock, previous=self.last_clock, start=self.start_clock)
+        smoothings = {label: float(rule(counters)) for label, rule in self.rules.items()}
         self.last_clock, self.last_step = clock, step
         self.num_updates += 1
-        return smoothing
+        return smoothings
 
     def start(self, clock: Clock, step: int) -> None:
-        """Marks the average as started now (the shadow is set to the current weights by the caller)."""
-        self.started, self.last_clock, self.last_step = True, clock, step
+        """Marks the averages as started now (they are set to the current weights by the caller)."""
+        self.started, self.start_clock, self.last_clock, self.last_step = True, clock, clock, step
 
     def state_dict(self) -> dict:
         return {
             "started": self.started,
+            "start_clock": self.start_clock.to_dict() if self.start_clock is not None else None,
             "last_clock": self.last_clock.to_dict() if self.last_clock is not None else None,
             "last_step": self.last_step,
             "num_updates": self.num_updates,
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restores the counters. Format-1 checkpoints did not record `start_clock`; rules that need it then fail."""
         self.started = bool(state["started"])
         self.last_clock = Clock.from_dict(state["last_clock"]) if state["last_clock"] is not None else None
+        self.start_clock = Clock.from_dict(state["start_clock"]) if state.get("start_clock") is not None else None
         self.last_step = int(state["last_step"])
         self.num_updates = int(state["num_updates"])
+        if self.started and self.start_clock is None:
+            if any(needs_start(rule) for rule in self.rules.values()):
+                raise ValueError(
+                    "the EMA state does not record when averaging started (format version 1), which the warmup and "
+                    "power-function rules need"
+                )
+            self.start_clock = self.last_clock  # unused by the half-life and fixed rules

@@ -4,6 +4,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from hf_ema import EMAArguments
@@ -129,3 +130,23 @@ def test_yaml(tmp_path):
     path.write_text(f"output_dir: {tmp_path}\nhalf_life: 300ba\nema_checkpoint_weights: training\n")
     _, ema = parser.parse_yaml_file(str(path))
     assert ema.half_life == "300ba" and ema.ema_checkpoint_weights == "training"
+
+
+def test_a_zero_start_needs_no_clock_of_its_unit(tmp_path):
+    """`ema_start="0ep"` (or "0tok") starts at train begin: no epoch count or token counting is needed."""
+    from conftest import RegressionDataset
+    from helpers import build
+
+    assert EMAArguments(ema_start="0ep").units() == {"ba"}
+    assert EMAArguments(half_life="8sp", ema_start="0tok").units() == {"sp"}
+    assert EMAArguments(ema_start="2ep").units() == {"ba", "ep"}
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            data = RegressionDataset(32)
+            return iter(data[i] for i in range(len(data)))
+
+    trainer, _, callback = build(tmp_path, EMAArguments(half_life="4ba", ema_start="0ep"), max_steps=4)
+    trainer.train_dataset = Stream()
+    trainer.train()
+    assert callback.started and callback.num_updates == 4

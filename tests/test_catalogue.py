@@ -20,6 +20,23 @@ from hf_ema import EMAArguments, EMACallback, EMAStateError, EMATrainer, compute
 SIDECAR = "ema_state.safetensors"
 
 
+def two_callbacks(tmp_path):
+    from transformers import Trainer
+
+    callbacks = [EMACallback(), EMACallback(EMAArguments(half_life="50ba"))]
+    Trainer(model=TinyModel(TinyConfig()), args=make_args(tmp_path), callbacks=callbacks)
+
+
+def trainer_plus_callback(tmp_path):
+    build(tmp_path, EMAArguments(half_life="4ba"))[0].add_callback(EMACallback())
+
+
+def resume_with_other_averages(tmp_path):
+    trained_checkpoint(tmp_path)
+    trainer, _, _ = build(tmp_path, EMAArguments(half_life=["4ba", "8ba"]), num_train_epochs=2)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-8"))
+
+
 def args_case(**kwargs):
     return lambda tmp_path: EMAArguments(**kwargs)
 
@@ -77,7 +94,7 @@ def foreign_safetensors(tmp_path):
 
 
 def newer_version(tmp_path):
-    rewrite_sidecar(trained_checkpoint(tmp_path), edit_meta=lambda m: m.update(format_version=2))
+    rewrite_sidecar(trained_checkpoint(tmp_path), edit_meta=lambda m: m.update(format_version=3))
     resume(tmp_path)
 
 
@@ -227,7 +244,8 @@ def train_begin(tmp_path, model, deepspeed_config=None, trainer_managed=False):
     if deepspeed_config is not None:
         args.hf_deepspeed_config = SimpleNamespace(config=deepspeed_config)
     callback = EMACallback(EMAArguments(half_life="4ba"))
-    callback._managed_by_trainer = trainer_managed
+    if trainer_managed:
+        callback.bind(object())
     callback.on_train_begin(args, TrainerState(), TrainerControl(), model=model)
 
 
@@ -261,14 +279,14 @@ def sharded_state_missing_shard(tmp_path):
     from types import SimpleNamespace
 
     from hf_ema.checkpoint import save_sharded_sidecar
-    from hf_ema.shadow import ShadowStore
+    from hf_ema.store import EMAStore as ShadowStore
     from hf_ema.time import Clock
 
     model = TinyModel(TinyConfig())
     callback = EMACallback(EMAArguments(half_life="4ba"))
-    callback.model, callback.store = model, ShadowStore(model)
+    callback.model, callback.store = model, ShadowStore(model, labels=["4ba"])
     callback.schedule.start(Clock(), 0)
-    meta = callback._sidecar_meta(SimpleNamespace(global_step=8), holds_ema=True)
+    meta = callback._sidecar_meta(SimpleNamespace(global_step=8), holds="4ba")
     folder = tmp_path / "checkpoint-8"
     save_sharded_sidecar(folder, meta, callback.store.sharded_state(model, True))  # one process: plain tensors
     (folder / "ema_state" / "__0_0.distcp").unlink()
@@ -276,7 +294,7 @@ def sharded_state_missing_shard(tmp_path):
 
 
 def zero3_copy(tmp_path):
-    from hf_ema.shadow import ShadowStore
+    from hf_ema.store import EMAStore as ShadowStore
 
     model = fake_zero3(TinyModel(TinyConfig()))
     callback = EMACallback(EMAArguments(half_life="4ba"))
@@ -304,6 +322,11 @@ CATALOGUE = [
         ValueError,
         ["`half_life`", "`smoothing`"],
     ),
+    ("half_life and sigma_rel", args_case(half_life="10ba", sigma_rel=0.1), ValueError, ["`sigma_rel`", "one kind"]),
+    ("repeated average", args_case(half_life=["10ba", "10ba"]), ValueError, ["must differ", "'10ba', '10ba'"]),
+    ("sigma_rel too wide", args_case(sigma_rel=[0.05, 0.4]), ValueError, ["`sigma_rel`", "0.2887", "0.4"]),
+    ("warmup of power functions", args_case(sigma_rel=0.1, ema_warmup_power=0.75), ValueError, ["ema_warmup_power"]),
+    ("warmup power negative", args_case(smoothing=0.99, ema_warmup_power=-1), ValueError, ["`ema_warmup_power`"]),
     ("update_interval zero", args_case(update_interval="0ba"), ValueError, ["`update_interval`", "positive"]),
     ("ema_start negative", args_case(ema_start="-1ba"), ValueError, ["`ema_start`", "negative"]),
     ("ema_start past the run", args_case(ema_start="1.5dur"), ValueError, ["`ema_start`", "[0, 1]"]),
@@ -312,6 +335,8 @@ CATALOGUE = [
     ("callback given a string", callback_with_string, TypeError, ["EMAArguments"]),
     ("trainer given settings twice", trainer_with_both, ValueError, ["`ema_args`", "EMACallback"]),
     ("compute_ema mismatched models", compute_ema_mismatch, KeyError, ["no tensor named", "deepcopy"]),
+    ("two EMACallbacks on one Trainer", two_callbacks, ValueError, ["already has an EMACallback", "half_life=["]),
+    ("EMATrainer given an EMACallback", trainer_plus_callback, ValueError, ["already keeps an EMA", "half_life=["]),
     # train-time settings: fail in on_train_begin, before the first optimizer step
     ("tok unit without counting", tokens_without_counting, ValueError, ["'tok'", "include_num_input_tokens_seen"]),
     ("ep unit on an IterableDataset", epochs_without_length, ValueError, ["'ep' unit", "'ba'"]),
@@ -321,7 +346,13 @@ CATALOGUE = [
     ("sidecar truncated", truncated_sidecar, EMAStateError, [SIDECAR, "corrupt or truncated"]),
     ("sidecar garbage", garbage_sidecar, EMAStateError, [SIDECAR, "corrupt or truncated"]),
     ("sidecar not from hf-ema", foreign_safetensors, EMAStateError, [SIDECAR, "not written by hf-ema"]),
-    ("sidecar newer format", newer_version, EMAStateError, [SIDECAR, "format version 2", "Upgrade"]),
+    ("sidecar newer format", newer_version, EMAStateError, [SIDECAR, "format version 3", "Upgrade"]),
+    (
+        "resumed with other averages",
+        resume_with_other_averages,
+        EMAStateError,
+        [SIDECAR, "holds the averages ['4ba']", "ask for ['4ba', '8ba']"],
+    ),
     ("sidecar of another model", foreign_names, EMAStateError, [SIDECAR, "another model", "encoder.weight"]),
     ("sidecar shape differs", shape_mismatch, EMAStateError, [SIDECAR, "shape or dtype differs", "linear.bias"]),
     ("ema_dtype changed since", dtype_change, EMAStateError, [SIDECAR, "float32", "bfloat16"]),

@@ -9,7 +9,7 @@ from torch import nn
 from hf_ema import compute_ema
 from hf_ema.core import ema_update_, exchange_, tracked_tensors
 from hf_ema.schedule import smoothing_from_half_life
-from hf_ema.shadow import ShadowStore
+from hf_ema.store import EMAStore as ShadowStore
 
 
 class Net(nn.Module):

@@ -24,7 +24,8 @@ def test_ema_digits_demo_fast(tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    assert "EMA accuracy" in result.stdout
+    assert "test accuracy" in result.stdout and "EMA 100ba" in result.stdout
+    assert result.stdout.count("step ") >= 12  # one progress line per evaluation, as training goes
 
     png = tmp_path / "ema_vs_training.png"
     assert png.is_file()
@@ -32,12 +33,15 @@ def test_ema_digits_demo_fast(tmp_path):
 
     rows = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))["rows"]
     assert rows
+    averages = ("ema_10ba_accuracy", "ema_30ba_accuracy", "ema_100ba_accuracy")
     for row in rows:
-        for key in ("ema_accuracy", "training_accuracy"):
+        for key in ("ema_accuracy", "training_accuracy", *averages):
             assert isinstance(row[key], float), (key, row)
             assert 0.0 <= row[key] <= 1.0, (key, row)
-    # The EMA is not the training weights: the two columns must differ at some evaluation.
-    assert any(row["ema_accuracy"] != row["training_accuracy"] for row in rows)
+        assert row["ema_accuracy"] == row["ema_30ba_accuracy"]  # the primary
+    # Three different averages, none of them the training weights: the columns differ at some evaluation.
+    for a, b in [("training_accuracy", "ema_30ba_accuracy"), *zip(averages, averages[1:], strict=False)]:
+        assert any(row[a] != row[b] for row in rows), (a, b)
     # And it is the better model on average over the run (fast mode: about 0.88 against 0.72).
     mean = lambda key: sum(row[key] for row in rows) / len(rows)  # noqa: E731
     assert mean("ema_accuracy") > mean("training_accuracy") + 0.05

@@ -26,8 +26,8 @@ def torchrun(*args, timeout=240, **extra_env):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
 
 
-def schedule(steps):
-    return [(k, 2 ** (-3 / 4)) for k in range(3, steps + 1, 3)]
+def schedule(steps, half_life=4):
+    return [(k, 2 ** (-3 / half_life)) for k in range(3, steps + 1, 3)]
 
 
 @pytest.mark.parametrize("kind", ["ema_trainer", "callback"])
@@ -41,8 +41,10 @@ def test_ddp_two_processes(tmp_path, kind):
         assert r["num_updates"] == len(schedule(steps))
         expected = reference_ema(r["weights"], 0, schedule(steps))
         assert_close(r["ema"], expected)  # each rank's EMA against its own recorded weights
+        assert_close(r["ema_8ba"], reference_ema(r["weights"], 0, schedule(steps, half_life=8)))  # the second one
     for name in ranks[0]["ema"]:  # the ranks agree exactly
         assert torch.equal(ranks[0]["ema"][name], ranks[1]["ema"][name])
+        assert torch.equal(ranks[0]["ema_8ba"][name], ranks[1]["ema_8ba"][name])
         assert torch.equal(ranks[0]["training"][name], ranks[1]["training"][name])
     # Evaluations during training ran on the EMA (eval set split over the two ranks, loss over all of it).
     evals = [h for h in ranks[0]["log_history"] if "eval_loss" in h]
@@ -62,19 +64,23 @@ def test_ddp_two_processes(tmp_path, kind):
     for rank in (0, 1):
         resumed = torch.load(tmp_path / f"resumed-rank{rank}.pt", weights_only=False)
         for name in ranks[rank]["ema"]:
-            assert torch.equal(resumed["ema"][name], ranks[rank]["ema"][name]), name
-            assert torch.equal(resumed["training"][name], ranks[rank]["training"][name]), name
+            for key in ("ema", "ema_8ba", "training"):
+                assert torch.equal(resumed[key][name], ranks[rank][key][name]), (key, name)
 
 
 def test_fsdp2_shard_local_average(tmp_path):
-    from hf_ema import EMACallback
+    from hf_ema import EMAArguments, EMACallback
 
     torchrun("fsdp2", str(tmp_path))
     ranks = [torch.load(tmp_path / f"fsdp2-rank{r}.pt", weights_only=False) for r in (0, 1)]
     expected = reference_ema(ranks[0]["weights"], 0, [(k, 0.7) for k in range(1, 7)])
+    expected_8ba = reference_ema(ranks[0]["weights"], 0, [(k, 0.9) for k in range(1, 7)])
     for r in ranks:
         assert_close(r["full_ema"], expected)  # gathered from shard-local averages
+        assert_close(r["full_ema_8ba"], expected_8ba)  # the second average, in the same update
         assert_close(r["swapped"], expected)  # the EMA swapped into the sharded parameters
+        assert_close(r["swapped_8ba"], expected_8ba)
+        assert_close(r["reloaded_ema_8ba"], r["full_ema_8ba"], rtol=0, atol=0)
         assert_close(r["restored"], r["weights"][6], rtol=0, atol=0)  # training weights back, bit for bit
         assert_close(r["reloaded_ema"], r["full_ema"], rtol=0, atol=0)  # sidecar round trip at world size 2
         assert_close(r["reloaded_training"], r["weights"][6], rtol=0, atol=0)
@@ -86,7 +92,7 @@ def test_fsdp2_shard_local_average(tmp_path):
     # Resume the same sidecar at world size 1, unsharded.
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
-    callback = EMACallback()
+    callback = EMACallback(EMAArguments(half_life=["4ba", "8ba"]))
     callback.model = model
     callback._load_state(str(tmp_path), model, expected_step=6)
     assert_close(
@@ -104,6 +110,8 @@ def test_fsdp2_through_ema_trainer(tmp_path):
     for r in ranks:
         expected = reference_ema(r["weights"], 0, [(k, 2 ** (-1 / 4)) for k in range(1, steps + 1)])
         assert_close(r["ema"], {n: expected[n] for n in r["ema"]})
+        expected = reference_ema(r["weights"], 0, [(k, 2 ** (-1 / 8)) for k in range(1, steps + 1)])
+        assert_close(r["ema_8ba"], {n: expected[n] for n in r["ema_8ba"]})
         assert_close(r["training"], {n: r["weights"][steps][n] for n in r["training"]}, rtol=0, atol=0)
     # The averages cover every trainable parameter exactly once, split over the ranks (names and element counts).
     trainable = ranks[0]["trainable"]  # full sizes (DTensor.numel is global)
@@ -120,7 +128,7 @@ def test_fsdp2_through_ema_trainer(tmp_path):
     torchrun("trainer_fsdp2", str(tmp_path), str(tmp_path / "checkpoint-4"))
     for rank in (0, 1):
         resumed = torch.load(tmp_path / f"fsdp2-trainer-resumed-rank{rank}.pt", weights_only=False)
-        for key in ("ema", "training"):
+        for key in ("ema", "ema_8ba", "training"):
             for tensor_name, value in ranks[rank][key].items():
                 assert torch.equal(resumed[key][tensor_name], value), (key, tensor_name)
 
@@ -183,6 +191,7 @@ def test_deepspeed_zero(tmp_path, stage, kind, also_resume):
         assert r["num_updates"] == 2
         expected = reference_ema(r["weights"], 0, schedule(8))
         assert_close(r["ema"], expected)  # gathered by DeepSpeed from the EMA swapped into the partitions
+        assert_close(r["ema_8ba"], reference_ema(r["weights"], 0, schedule(8, half_life=8)))  # the second average
         assert_close(r["training"], r["weights"][8], rtol=0, atol=0)  # swapped back, bit for bit
     for name in ranks[0]["ema"]:
         assert torch.equal(ranks[0]["ema"][name], ranks[1]["ema"][name])
@@ -213,17 +222,17 @@ def test_deepspeed_zero(tmp_path, stage, kind, also_resume):
 
     if sharded:  # the sharded state of 2 ranks loads into a plain model in one process (DCP reshards)
         model = TinyModel(TinyConfig())
-        callback = EMACallback(EMAArguments(half_life="4ba", update_interval="3ba"))
+        callback = EMACallback(EMAArguments(half_life=["4ba", "8ba"], update_interval="3ba"))
         callback._load_state(str(folder), model, expected_step=8)
-        assert_close(
-            {n: t.double() for n, t in callback.store.ema_tensors(model).items()}, ranks[0]["ema"], rtol=0, atol=0
-        )
+        for label, key in (("4ba", "ema"), ("8ba", "ema_8ba")):
+            loaded = callback.store.ema_tensors(model, label)
+            assert_close({n: t.double() for n, t in loaded.items()}, ranks[0][key], rtol=0, atol=0)
         assert_close(state_of(model), ranks[0]["training"], rtol=0, atol=0)
     if not also_resume:
         return
     torchrun("deepspeed", str(tmp_path), stage, kind, str(tmp_path / "checkpoint-4"), DS_ACCELERATOR="cpu")
     for rank in (0, 1):
         resumed = torch.load(tmp_path / f"ds{stage}-{kind}-resumed-rank{rank}.pt", weights_only=False)
-        for key in ("ema", "training"):
+        for key in ("ema", "ema_8ba", "training"):
             for name, value in ranks[rank][key].items():
                 assert torch.equal(resumed[key][name], value), (key, name)

@@ -64,11 +64,16 @@ def test_evaluate_after_training_and_manual_calls(tmp_path):
     trainer.train()
     expected = ema_at(recorder, 16)
     assert trainer.evaluate()["eval_loss"] == pytest.approx(eval_loss(expected), rel=1e-5)
-    with trainer.training_weights():
-        assert trainer.evaluate()["eval_loss"] == pytest.approx(eval_loss(expected), rel=1e-5)  # EMA even inside
-        assert_close(state_of(trainer.model), recorder.weights[16], rtol=0, atol=0)
-    predictions = trainer.predict(RegressionDataset(16, seed=1)).predictions
     x = RegressionDataset(16, seed=1).x.double()
+    with trainer.training_weights():  # an explicit block wins over EMATrainer's own use of the EMA
+        training = recorder.weights[16]
+        assert trainer.evaluate()["eval_loss"] == pytest.approx(eval_loss(training), rel=1e-5)
+        assert_close(state_of(trainer.model), training, rtol=0, atol=0)
+        predictions = trainer.predict(RegressionDataset(16, seed=1)).predictions
+        reference = x @ training["linear.weight"].reshape(-1) + training["linear.bias"]
+        torch.testing.assert_close(torch.as_tensor(predictions).double(), reference, rtol=1e-5, atol=1e-5)
+    assert_close(state_of(trainer.model), expected)  # the block put the EMA back
+    predictions = trainer.predict(RegressionDataset(16, seed=1)).predictions
     reference = x @ expected["linear.weight"].reshape(-1) + expected["linear.bias"]
     torch.testing.assert_close(torch.as_tensor(predictions).double(), reference, rtol=1e-5, atol=1e-5)
     assert_close(state_of(trainer.training_model), recorder.weights[16], rtol=0, atol=0)
@@ -155,8 +160,10 @@ def test_checkpoint_files(tmp_path, kind, holds):
         with safe_open(folder / "ema_state.safetensors", "pt") as handle:
             meta = json.loads(handle.metadata()["hf_ema"])
             tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-        assert meta["format_version"] == 1 and meta["global_step"] == step and meta["model_files"] == holds
-        assert_close(as_float64({k[4:]: v for k, v in tensors.items() if k.startswith("ema/")}), ema)
+        assert meta["format_version"] == 2 and meta["global_step"] == step and meta["model_files"] == holds
+        assert meta["averages"] == ["4ba"] and meta["model_files_average"] == ("4ba" if holds == "ema" else None)
+        prefix = "average/4ba/"
+        assert_close(as_float64({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}), ema)
         if holds == "ema":
             training_in_file = {k[9:]: v for k, v in tensors.items() if k.startswith("training/")}
             assert_close(as_float64(training_in_file), training, rtol=0, atol=0)
@@ -171,8 +178,11 @@ def test_save_model_writes_ema(tmp_path):
     trainer.save_model(str(tmp_path / "final"))
     assert_close(as_float64(load_file(tmp_path / "final" / "model.safetensors")), ema_at(recorder, 8))
     with trainer.training_weights():
-        trainer.save_model(str(tmp_path / "final2"))  # EMATrainer.save_model uses the EMA in any context
-    assert_close(as_float64(load_file(tmp_path / "final2" / "model.safetensors")), ema_at(recorder, 8))
+        trainer.save_model(str(tmp_path / "final2"))  # the explicit block wins: the training weights
+    assert_close(as_float64(load_file(tmp_path / "final2" / "model.safetensors")), recorder.weights[8], rtol=0, atol=0)
+    with trainer.ema_weights():
+        trainer.save_model(str(tmp_path / "final3"))
+    assert_close(as_float64(load_file(tmp_path / "final3" / "model.safetensors")), ema_at(recorder, 8))
 
 
 @pytest.mark.parametrize("kind", ["ema_trainer", "callback"])

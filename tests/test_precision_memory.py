@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from hf_ema import EMAArguments, EMATrainer
 from hf_ema.core import tracked_tensors
-from hf_ema.shadow import ShadowStore
+from hf_ema.store import EMAStore as ShadowStore
 
 BF16_ULP_AT_1 = 2.0**-7
 

@@ -149,7 +149,7 @@ def test_foreign_and_corrupt_sidecars_are_refused(tmp_path):
 
     with safe_open(sidecar, "pt") as handle:
         metadata = handle.metadata()
-    tensors["ema/linear.bias"] = torch.zeros(2)
+    tensors["average/4ba/linear.bias"] = torch.zeros(2)
     import json
 
     meta = json.loads(metadata["hf_ema"])

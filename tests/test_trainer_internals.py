@@ -22,11 +22,17 @@ def test_private_trainer_methods_overridden_or_called():
     for name in ("dataloader", "description", "prediction_loss_only", "ignore_keys", "metric_key_prefix"):
         assert name in loop, name
     assert parameters(Trainer.evaluate)[:4] == ["self", "eval_dataset", "ignore_keys", "metric_key_prefix"]
-    assert "logs" in parameters(Trainer.log)
+    assert parameters(Trainer.save_model)[:3] == ["self", "output_dir", "_internal_call"]  # EMAMixin.save_model
+    # EMAMixin.add_callback keeps the EMA callback last through the handler's public methods.
+    from transformers.trainer_callback import CallbackHandler
+
+    assert callable(CallbackHandler.remove_callback) and callable(CallbackHandler.add_callback)
+    # A second EMACallback is refused in on_init_end, which the Trainer's constructor calls.
+    assert "callback_handler.on_init_end(" in inspect.getsource(Trainer.__init__)
 
 
 def test_callback_hooks_and_state_fields():
-    for hook in ("on_train_begin", "on_step_begin", "on_pre_optimizer_step", "on_step_end", "on_epoch_end",
+    for hook in ("on_init_end", "on_train_begin", "on_step_begin", "on_pre_optimizer_step", "on_step_end", "on_epoch_end",
                  "on_evaluate", "on_save", "on_push_begin", "on_train_end"):  # fmt: skip
         assert callable(getattr(TrainerCallback, hook, None)), hook
     state = TrainerState()

@@ -26,7 +26,8 @@ def ddp(out: str, kind: str, resume_from: str | None) -> None:
 
     from hf_ema import EMAArguments
 
-    trainer, recorder, callback = build(out, EMAArguments(half_life="4ba", update_interval="3ba"), kind, **SCHEDULE)
+    ema_args = EMAArguments(half_life=["4ba", "8ba"], update_interval="3ba")  # two averages
+    trainer, recorder, callback = build(out, ema_args, kind, **SCHEDULE)
     trainer.train(resume_from_checkpoint=resume_from)
     rank = trainer.args.process_index
     torch.save(
@@ -34,6 +35,7 @@ def ddp(out: str, kind: str, resume_from: str | None) -> None:
             "world_size": trainer.args.world_size,
             "weights": recorder.weights,
             "ema": state_of(callback.ema_model()),
+            "ema_8ba": state_of(callback.ema_model(label="8ba")),
             "training": state_of(callback.training_model()),
             "num_updates": callback.num_updates,
             "log_history": trainer.state.log_history,
@@ -47,8 +49,8 @@ def fsdp2(out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    from hf_ema import EMACallback
-    from hf_ema.shadow import ShadowStore
+    from hf_ema import EMAArguments, EMACallback
+    from hf_ema.store import EMAStore as ShadowStore
     from hf_ema.time import Clock
 
     dist.init_process_group("gloo")
@@ -67,9 +69,9 @@ def fsdp2(out: str) -> None:
 
     model = build()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    callback = EMACallback()
+    callback = EMACallback(EMAArguments(half_life=["4ba", "8ba"]))
     callback.model = model
-    callback.store = ShadowStore(model)
+    callback.store = ShadowStore(model, labels=callback.labels)
     callback.schedule.start(Clock(), 0)
     local_before = {n: t.clone() for n, t in callback.store.shadow.items()}
     weights = {0: full_weights(model)}
@@ -80,30 +82,38 @@ def fsdp2(out: str) -> None:
         optimizer.step()
         optimizer.zero_grad()
         weights[step] = full_weights(model)
-        callback.store.update_(model, 0.7)
+        callback.store.update_(model, {"4ba": 0.7, "8ba": 0.9})
     local_shapes = {n: tuple(t.shape) for n, t in callback.store.shadow.items()}
     full_ema = {n: t.double() for n, t in callback.store.full_ema(model).items()}
+    full_ema_8ba = {n: t.double() for n, t in callback.store.full_ema(model, "8ba").items()}
 
     callback.store.swap_in(model)
     swapped = full_weights(model)
+    callback.store.swap_in(model, "8ba")  # from one average straight to the other
+    swapped_8ba = full_weights(model)
     callback.store.swap_out(model)
     restored = full_weights(model)
 
     args = SimpleNamespace(should_save=rank == 0, process_index=rank)
-    path = callback.save_state(out, args, SimpleNamespace(global_step=6))
+    with callback.ema_weights(model):  # as for a checkpoint whose model files hold the EMA: training weights kept too
+        path = callback.save_state(out, args, SimpleNamespace(global_step=6))
     dist.barrier()  # rank 0 writes; the others read it next (a resuming run starts after the save, as here)
 
     fresh = build()
-    resumed = EMACallback()
+    resumed = EMACallback(EMAArguments(half_life=["4ba", "8ba"]))
     resumed.model = fresh
     resumed._load_state(out, fresh, expected_step=6)
     reloaded_ema = {n: t.double() for n, t in resumed.store.full_ema(fresh).items()}
+    reloaded_ema_8ba = {n: t.double() for n, t in resumed.store.full_ema(fresh, "8ba").items()}
     reloaded_training = full_weights(fresh)
     torch.save(
         {
             "weights": weights,
             "full_ema": full_ema,
+            "full_ema_8ba": full_ema_8ba,
             "swapped": swapped,
+            "swapped_8ba": swapped_8ba,
+            "reloaded_ema_8ba": reloaded_ema_8ba,
             "restored": restored,
             "local_shapes": local_shapes,
             "local_before": {n: tuple(t.shape) for n, t in local_before.items()},
@@ -156,12 +166,13 @@ def trainer_fsdp2(out: str, resume_from: str | None) -> None:
     recorder = Recorder()
     trainer = EMATrainer(
         model=tiny_llama(), args=args, train_dataset=data, eval_dataset=data[:8], callbacks=[recorder],
-        ema_args=EMAArguments(half_life="4ba"),
+        ema_args=EMAArguments(half_life=["4ba", "8ba"]),
     )  # fmt: skip
     assert trainer.is_fsdp_enabled
     trainer.train(resume_from_checkpoint=resume_from)
     callback = trainer.ema_callback
     ema = {n: t.double() for n, t in callback.store.full_ema(trainer.model).items()}
+    ema_8ba = {n: t.double() for n, t in callback.store.full_ema(trainer.model, "8ba").items()}
     training = {n: t.double() for n, t in callback.store.full_training(trainer.model).items()}
     local = {n: tuple(t.shape) for n, t in callback.store.shadow.items()}
     rank = trainer.args.process_index
@@ -170,6 +181,7 @@ def trainer_fsdp2(out: str, resume_from: str | None) -> None:
             "sharded": callback._sharded,
             "weights": recorder.weights,
             "ema": ema,
+            "ema_8ba": ema_8ba,
             "training": training,
             "local_shapes": local,
             "global_shapes": callback.store.global_shapes,
@@ -195,7 +207,7 @@ def deepspeed_run(out: str, stage: str, kind: str, resume_from: str | None) -> N
     from helpers import build
 
     from hf_ema import EMAArguments
-    from hf_ema.distributed import _zero3_span, is_zero3
+    from hf_ema.layout import ZERO3, is_zero3
 
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     PartialState(backend="gloo")
@@ -222,7 +234,7 @@ def deepspeed_run(out: str, stage: str, kind: str, resume_from: str | None) -> N
         model = TinyModel.from_pretrained(saved)
         assert all(hasattr(p, "ds_id") for p in model.parameters())
     trainer, recorder, callback = build(
-        out, EMAArguments(half_life="4ba", update_interval="3ba"), kind, model=model, **overrides
+        out, EMAArguments(half_life=["4ba", "8ba"], update_interval="3ba"), kind, model=model, **overrides
     )
     assert trainer.is_deepspeed_enabled
     trainer.train(resume_from_checkpoint=resume_from)
@@ -230,14 +242,17 @@ def deepspeed_run(out: str, stage: str, kind: str, resume_from: str | None) -> N
     ema = state_of(model)
     with callback.training_weights(model):
         training = state_of(model)
+    with callback.ema_weights(model, label="8ba"):
+        ema_8ba = state_of(model)
     params = dict(model.named_parameters())
-    spans = {n: _zero3_span(params[n])[:2] if is_zero3(params[n]) else (0, params[n].numel()) for n in params}
+    spans = {n: ZERO3.span(params[n])[:2] if is_zero3(params[n]) else (0, params[n].numel()) for n in params}
     torch.save(
         {
             "world_size": trainer.args.world_size,
             "zero3": callback.store.zero3,
             "weights": recorder.weights,
             "ema": ema,
+            "ema_8ba": ema_8ba,
             "training": training,
             "spans": spans,
             "local_numel": {n: t.numel() for n, t in callback.store.shadow.items()},

@@ -17,7 +17,7 @@ from helpers import build  # noqa: E402
 
 from hf_ema import EMAArguments  # noqa: E402
 from hf_ema.core import ema_update_  # noqa: E402
-from hf_ema.shadow import ShadowStore  # noqa: E402
+from hf_ema.store import EMAStore as ShadowStore  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -1,0 +1,127 @@
+"""Which weights the model holds: the training weights or one average. One object decides, from one table.
+
+`Placement` owns the question. Its one operation is `place(target)`; everything else asks it:
+
+- during `train()`, each Trainer hook looks up `HOOKS` for what the model must hold when the hook returns;
+- `ema_weights(label)` / `training_weights()` blocks are explicit and win over anything implicit inside them;
+- `EMAMixin`'s wrappers (`evaluate`, `predict`, `save_model` ...) are implicit: inside a user's explicit block they
+  leave the model as the block placed it, and they only undo what they changed themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+from torch import nn
+
+from .store import EMAStore
+
+TRAINING = None
+"""`place(TRAINING)` puts the training weights in the model."""
+
+# What the model holds when each hook returns, during train(). Hooks outside train() leave the model alone (after
+# training it holds the primary average, and the user's calls decide).
+#   "training": the training weights.
+#   "window":   the primary average if the Trainer evaluates, or writes a checkpoint that holds the EMA, right after
+#               this hook (control.should_evaluate / should_save), else the training weights.
+#   "after_eval": after an evaluation: keep the primary for a checkpoint that follows it (or for
+#               save_strategy="best", decided after this hook), else the training weights.
+#   "primary":  the primary average (the end of training: whatever the user does next uses it).
+HOOKS: dict[str, str] = {
+    "on_train_begin": "training",
+    "on_epoch_begin": "training",
+    "on_step_begin": "training",
+    "on_step_end": "window",
+    "on_epoch_end": "window",
+    "on_evaluate": "after_eval",
+    "on_save": "training",
+    "on_train_end": "primary",
+}
+
+
+class Placement:
+    """Owns what the model holds. `store` is None until averaging starts (the model then holds the training weights).
+
+    Args:
+        store (`Callable[[], EMAStore | None]`): returns the current store (it is rebuilt at start and on resume).
+        model (`Callable[[], nn.Module | None]`): returns the model the store averages.
+    """
+
+    def __init__(self, store: Callable[[], EMAStore | None], model: Callable[[], nn.Module | None]) -> None:
+        self._store, self._model = store, model
+        self._explicit: list[str | None] = []  # the targets of the user's open explicit blocks, innermost last
+        self._implicit = 0  # open implicit blocks
+
+    @property
+    def holds(self) -> str | None:
+        """The label of the average in the model, or None (`TRAINING`)."""
+        store = self._store()
+        return store.holds if store is not None else TRAINING
+
+    @property
+    def explicit(self) -> bool:
+        """Whether a user's explicit block is open (implicit placements then do nothing)."""
+        return bool(self._explicit)
+
+    def place(self, target: str | None) -> None:
+        """Makes the model hold `target` (an average's label, or `TRAINING`). Before averaging starts, only the
+        training weights exist and this does nothing."""
+        store, model = self._store(), self._model()
+        if store is None or model is None:
+            return
+        store.place_(model, target)
+
+    def for_hook(self, hook: str, *, evaluates: bool, saves_ema: bool, best_pending: bool) -> str | None:
+        """The target `HOOKS` gives for `hook`, resolved with the Trainer's intentions right after it."""
+        rule = HOOKS[hook]
+        primary = self.primary
+        if rule == "window":
+            return primary if evaluates or saves_ema else TRAINING
+        if rule == "after_eval":
+            return primary if saves_ema or best_pending else TRAINING
+        return primary if rule == "primary" else TRAINING
+
+    @property
+    def primary(self) -> str | None:
+        store = self._store()
+        return store.primary if store is not None else TRAINING
+
+    @contextlib.contextmanager
+    def holding(self, target: str | None, explicit: bool) -> Iterator[None]:
+        """Runs the block with `target` in the model and puts back what was there before.
+
+        An explicit block (the user's `ema_weights` / `training_weights`) always places, and restores on exit. An
+        implicit block (a wrapper around a Trainer call) places only when it is the outermost block of all, and
+        restores only what it changed: wrappers nested in one another (`_save_checkpoint` -> `save_model` ->
+        `_save`) or in a user's explicit block leave the model as the outer block placed it.
+        """
+        if not explicit and (self._explicit or self._implicit):
+            yield
+            return
+        before = self.holds
+        if explicit:
+            self._explicit.append(target)
+        else:
+            self._implicit += 1
+        try:
+            self.place(target)
+            yield
+        finally:
+            if explicit:
+                self._explicit.pop()
+            else:
+                self._implicit -= 1
+            if self.holds != before and (explicit or before != target):
+                self.place(before)
+
+    @contextlib.contextmanager
+    def visiting(self, target: str | None) -> Iterator[None]:
+        """Places `target` for the block and puts back exactly what was there, whatever blocks are open: for a pass
+        that looks at one more set of weights inside a wrapper (the other averages during an evaluation)."""
+        before = self.holds
+        try:
+            self.place(target)
+            yield
+        finally:
+            self.place(before)

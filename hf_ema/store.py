@@ -1,0 +1,441 @@
+"""The store: the averages of one model, keyed by (label, tensor name), updated in place and placed into the model.
+
+How each tensor is held per rank is its layout's business (`hf_ema.layout`, chosen once per tensor); host-memory
+averages are `hf_ema.offload`'s.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .core import ema_update_, exchange_, first_non_finite, tracked_tensors
+from .distributed import fsdp_modules, refresh_, reshard_
+from .layout import ZERO3, layout_of
+from .offload import HostOffload, empty_like
+
+SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+
+
+def shadow_dtype(dtype: torch.dtype, policy: str) -> torch.dtype:
+    """The dtype of the average of a tensor of `dtype` under `ema_dtype` policy `policy`."""
+    if policy == "same":
+        return dtype
+    if policy == "float32":
+        return torch.float32
+    return torch.float32 if dtype in SIXTEEN_BIT else dtype  # "auto"
+
+
+def average_key(label: str, name: str) -> str:
+    """The key of an average's tensor in EMA-state files (format 2)."""
+    return f"average/{label}/{name}"
+
+
+class EMAStore:
+    """The averages of one model's tensors: one or several, keyed by label, each keyed by tensor name.
+
+    The store tracks trainable parameters and persistent floating-point buffers (see `tracked_tensors`), all averages
+    starting equal to them. The model holds either the training weights or one average (`holds`, changed only by
+    `place_`). While an average is in the model, tensors whose average has the model's dtype and device are exchanged
+    in place with it (no extra copy; the store then holds the training values there); the others (a float32 average
+    of a bf16 parameter, an average kept in host memory) have their training values stashed once, in the parameter's
+    dtype, on the average's device, while the rounded average is in the model.
+
+    With `device="cpu"` for a model on an accelerator, the averages live in host memory (pinned) and updates overlap
+    with training (`hf_ema.offload.HostOffload`); every read of the store waits for the last update first.
+
+    Args:
+        module (`nn.Module`): the model whose tensors are averaged.
+        ema_dtype (`str`, *optional*, defaults to `"auto"`): see `EMAArguments.ema_dtype`.
+        device (`str` or `torch.device`, *optional*): where the averages live; defaults to each tensor's device.
+        buffers (`str`, *optional*, defaults to `"average"`): `"average"` floating-point buffers, or `"copy"` them.
+        asynchronous (`bool`, *optional*): overlap updates through staging buffers and a background thread; defaults
+            to True exactly when some average lives on another device than its tensor.
+        labels (`Sequence[str]`, *optional*, defaults to `("ema",)`): the averages' labels, primary first.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        ema_dtype: str = "auto",
+        device: str | torch.device | None = None,
+        buffers: str = "average",
+        asynchronous: bool | None = None,
+        labels: Sequence[str] = ("ema",),
+    ) -> None:
+        if isinstance(labels, str) or not labels or len(set(labels)) != len(labels):
+            raise ValueError(f"EMAStore needs distinct labels, got {list(labels)}.")
+        self.labels, self.primary = tuple(labels), labels[0]
+        self.ema_dtype, self.buffers = ema_dtype, buffers
+        self.device = torch.device(device) if device is not None else None
+        # Found once for the trained model, so the per-update path does not search the module tree for them.
+        self._source_id, self._source_fsdp = id(module), fsdp_modules(module)
+        tracked = self._tracked(module)
+        self.layouts = {n: layout_of(t) for n, t in tracked.items()}
+        self.global_shapes = {n: self.layouts[n].global_shape(t) for n, t in tracked.items()}
+        self.zero3 = any(layout is ZERO3 for layout in self.layouts.values())
+        self.sharded = any(layout.sharded for layout in self.layouts.values())  # some rank holds part of a tensor
+        self.flat_names = sorted(n for n, layout in self.layouts.items() if layout.flat)
+        live = self._live(module, check=False)
+        self.averages: dict[str, dict[str, Tensor]] = {}
+        for label in self.labels:
+            self.averages[label] = {}
+            for name, tensor in live.items():
+                target = self.device if self.device is not None else tensor.device
+                average = empty_like(tensor, shadow_dtype(tensor.dtype, ema_dtype), target)
+                average.copy_(tensor.detach())
+                self.averages[label][name] = average
+        self._names = list(live)
+        self._lists = {label: [self.averages[label][n] for n in self._names] for label in self.labels}
+        offloaded = any(self.shadow[n].device != t.device for n, t in live.items())
+        if asynchronous if asynchronous is not None else offloaded:
+            self.offload = HostOffload([live[n] for n in self._names], self.shadow[self._names[0]].device)
+        else:
+            self.offload = None
+        self.holds: str | None = None  # the label of the average in the model, None for the training weights
+        self._stash: dict[str, Tensor] = {}
+
+    # ---- bookkeeping ----
+
+    @property
+    def shadow(self) -> dict[str, Tensor]:
+        """The primary average, by tensor name."""
+        return self.averages[self.primary]
+
+    @property
+    def ema_in_model(self) -> bool:
+        return self.holds is not None
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def numel(self) -> int:
+        """Elements of one average on this rank."""
+        return sum(t.numel() for t in self.shadow.values())
+
+    def nbytes(self) -> int:
+        """Bytes of all averages on this rank."""
+        return len(self.labels) * sum(t.numel() * t.element_size() for t in self.shadow.values())
+
+    def fingerprint(self) -> dict[str, list]:
+        """Names, full shapes and dtypes of the averages: what a checkpoint's EMA state must match."""
+        return {n: [list(self.global_shapes[n]), str(t.dtype).removeprefix("torch.")] for n, t in self.shadow.items()}
+
+    def _label(self, label: str | None) -> str:
+        label = self.primary if label is None else label
+        if label not in self.averages:
+            raise KeyError(f"No average labelled {label!r}; the averages are {list(self.labels)}.")
+        return label
+
+    def _tracked(self, module: nn.Module) -> dict[str, Tensor]:
+        """The averaged tensors as the model holds them (DTensors for sharded parameters)."""
+        reshard_(self._source_fsdp if id(module) == self._source_id else fsdp_modules(module))
+        return {n: t for n, t, kind in tracked_tensors(module, buffers=self.buffers) if kind == "average"}
+
+    def _live(self, module: nn.Module, check: bool = True) -> dict[str, Tensor]:
+        """The averaged tensors as this rank holds them: local shards of sharded parameters."""
+        tracked = self._tracked(module)
+        layouts = self.layouts if check else {n: layout_of(t) for n, t in tracked.items()}
+        if check and tracked.keys() != layouts.keys():
+            raise RuntimeError(_mismatch_message(self.shadow, tracked))
+        live = {n: layouts[n].local(t) for n, t in tracked.items()}
+        if check and any(live[n].shape != s.shape for n, s in self.shadow.items()):
+            raise RuntimeError(_mismatch_message(self.shadow, live))
+        return live
+
+    def _split(self, live: Mapping[str, Tensor]) -> tuple[list[str], list[str]]:
+        """Names whose averages share the live dtype and device (exchanged on swap), and the others (stashed)."""
+        same = [n for n, s in self.shadow.items() if s.dtype == live[n].dtype and s.device == live[n].device]
+        chosen = set(same)
+        return same, [n for n in self._names if n not in chosen]
+
+    def close(self) -> None:
+        """Finishes any background update and stops the background thread."""
+        if self.offload is not None:
+            self.offload.close()
+
+    def fence(self) -> None:
+        """Makes the current CUDA stream wait until the last update's weights are copied out (no host sync).
+
+        Call before anything writes the weights (the optimizer step): offloaded updates copy on a side stream.
+        """
+        if self.offload is not None:
+            self.offload.fence()
+
+    def wait(self) -> None:
+        """Blocks until a background update has finished (a no-op for synchronous stores)."""
+        if self.offload is not None:
+            self.offload.wait()
+
+    # ---- averaging ----
+
+    @torch.no_grad()
+    def update_(self, module: nn.Module, smoothings: Mapping[str, float] | float) -> None:
+        """One step of every average towards the module's current (training) weights, each with its smoothing."""
+        self._require_training_in_model("update the averages")
+        if not isinstance(smoothings, Mapping):
+            smoothings = dict.fromkeys(self.labels, float(smoothings))
+        live = self._live(module)
+        current = [live[n] for n in self._names]
+        lists = [(self._lists[label], smoothings[label]) for label in self.labels]
+
+        def work(current: list[Tensor]) -> None:
+            for averages, smoothing in lists:
+                ema_update_(averages, current, smoothing)
+
+        if self.offload is not None:
+            self.offload.run(current, work)
+        else:
+            work(current)
+
+    @torch.no_grad()
+    def reset_(self, module: nn.Module) -> None:
+        """Sets every average to the module's current weights (the start of averaging)."""
+        self._require_training_in_model("reset the averages")
+        self.wait()
+        live = self._live(module)
+        for averages in self.averages.values():
+            for name, average in averages.items():
+                average.copy_(live[name])
+
+    # ---- placing ----
+
+    @torch.no_grad()
+    def place_(self, module: nn.Module, label: str | None) -> None:
+        """Makes `module` hold the average `label` (None: the training weights), in place; the training weights are
+        kept aside bit for bit while an average is in."""
+        target = None if label is None else self._label(label)
+        if target == self.holds:
+            return
+        self.wait()
+        live = self._live(module)
+        same, other = self._split(live)
+        if self.holds is not None:  # put the training weights back
+            averages = self.averages[self.holds]
+            exchange_([live[n] for n in same], [averages[n] for n in same])
+            for name in other:
+                live[name].copy_(self._stash.pop(name))
+            self._stash.clear()
+            self.holds = None
+        if target is not None:
+            averages = self.averages[target]
+            exchange_([live[n] for n in same], [averages[n] for n in same])
+            staging = dict(zip(self._names, self.offload.staging, strict=True)) if self.offload is not None else {}
+            for name in other:
+                stash = staging.get(name)
+                if stash is None:
+                    stash = empty_like(live[name], live[name].dtype, averages[name].device)
+                stash.copy_(live[name])
+                self._stash[name] = stash
+                live[name].copy_(averages[name])
+            self.holds = target
+        self._refresh(module)
+
+    def swap_in(self, module: nn.Module, label: str | None = None) -> None:
+        """Puts an average (the primary by default) into `module` in place."""
+        self.place_(module, self._label(label))
+
+    def swap_out(self, module: nn.Module) -> None:
+        """Puts the training weights back into `module`, bit for bit."""
+        self.place_(module, None)
+
+    def discard_swap(self) -> None:
+        """Forgets that an average is in the model, after the model's weights were replaced from outside (a load).
+
+        Only a load (`load_state_`, `load_sharded_`) may follow: the average that was in holds stale training values.
+        """
+        self.wait()
+        self._stash.clear()
+        self.holds = None
+
+    # ---- views of the weights ----
+
+    def ema_tensors(self, module: nn.Module, label: str | None = None) -> dict[str, Tensor]:
+        """An average's values (the primary by default) in full precision, wherever they are now. Do not modify."""
+        label = self._label(label)
+        self.wait()
+        averages = self.averages[label]
+        if self.holds != label:
+            return dict(averages)
+        live = self._live(module)
+        exchanged = set(self._split(live)[0])
+        return {n: (live[n] if n in exchanged else averages[n]) for n in self._names}
+
+    def training_tensors(self, module: nn.Module) -> dict[str, Tensor]:
+        """The training values in the model's dtype, wherever they are now. Do not modify."""
+        self.wait()
+        live = self._live(module)
+        if self.holds is None:
+            return live
+        averages = self.averages[self.holds]
+        exchanged = set(self._split(live)[0])
+        return {n: (averages[n] if n in exchanged else self._stash[n]) for n in self._names}
+
+    def non_finite_training(self, module: nn.Module) -> str | None:
+        """Name of the first training tensor with a NaN or Inf (one host sync), or None."""
+        live = self.training_tensors(module)
+        return first_non_finite(list(live), list(live.values()))
+
+    def non_finite_average(self, module: nn.Module) -> str | None:
+        """`label/name` of the first average tensor with a NaN or Inf (one host sync), or None."""
+        names, tensors = [], []
+        for label in self.labels:
+            for name, tensor in self.ema_tensors(module, label).items():
+                names.append(name if len(self.labels) == 1 else f"{label}/{name}")
+                tensors.append(tensor)
+        return first_non_finite(names, tensors)
+
+    def full_ema(self, module: nn.Module, label: str | None = None) -> dict[str, Tensor]:
+        """An average's values as full tensors (gathering sharded ones: a collective every rank must call)."""
+        tracked, ema = self._tracked(module), self.ema_tensors(module, label)
+        return {n: self.layouts[n].gather(tracked[n], ema[n]) for n in self._names}
+
+    def full_training(self, module: nn.Module) -> dict[str, Tensor]:
+        """The training values as full tensors (gathering sharded ones: a collective every rank must call)."""
+        tracked, training = self._tracked(module), self.training_tensors(module)
+        return {n: self.layouts[n].gather(tracked[n], training[n]) for n in self._names}
+
+    @torch.no_grad()
+    def copy_ema_to(self, target: nn.Module, source: nn.Module, label: str | None = None) -> None:
+        """Writes an average (rounded to `target`'s dtypes) into `target`, a copy of `source`."""
+        ema = self.ema_tensors(source, label)
+        for name, tensor in self._live(target).items():
+            tensor.copy_(ema[name])
+
+    @torch.no_grad()
+    def copy_training_to(self, target: nn.Module, source: nn.Module) -> None:
+        """Writes the training weights into `target`, a copy of `source`."""
+        training = self.training_tensors(source)
+        for name, tensor in self._live(target).items():
+            tensor.copy_(training[name])
+
+    # ---- loading ----
+
+    @torch.no_grad()
+    def load_state_(
+        self,
+        module: nn.Module,
+        ema: Mapping[str, Mapping[str, Tensor]],
+        training: Mapping[str, Tensor] | None,
+    ) -> None:
+        """Restores every average (`ema[label][name]`, full tensors) and the module's training weights when given,
+        exactly.
+
+        Shapes and dtypes must match the store (a float32 average is never loaded from a rounded copy). Sharded
+        parameters take their local slice of each full tensor, so a checkpoint loads at another world size too.
+        """
+        tracked = self._tracked(module)
+
+        def local(name: str, label: str | None) -> Tensor:
+            full = training[name] if label is None else ema[label][name]
+            return self.layouts[name].shard(tracked[name], full)
+
+        self._restore_(module, local, with_training=training is not None)
+
+    # ---- sharded checkpoints ----
+
+    def sharded_state(self, module: nn.Module, with_training: bool) -> dict[str, Tensor]:
+        """`average/<label>/<name>` (and `training/<name>`) as DTensors over this rank's tensors, no copy: what a
+        sharded EMA state saves (torch.distributed.checkpoint). Replicated tensors stay plain."""
+        tracked = self._tracked(module)
+        state = {}
+        for label in self.labels:
+            ema = self.ema_tensors(module, label)
+            state.update({average_key(label, n): self.layouts[n].as_dtensor(tracked[n], ema[n]) for n in self._names})
+        if with_training:
+            training = self.training_tensors(module)
+            state.update({f"training/{n}": self.layouts[n].as_dtensor(tracked[n], training[n]) for n in self._names})
+        return state
+
+    def empty_sharded_state(
+        self, module: nn.Module, prefixes: Mapping[str, str], with_training: bool, saved_flat: list[str]
+    ) -> dict[str, Tensor]:
+        """Tensors for a sharded EMA state to be loaded into, newly allocated, keyed as in the file:
+        `<prefixes[label]>/<name>` for each average and `training/<name>`.
+
+        A tensor saved in the layout this run holds it in (both flat ZeRO-3 partitions, or both shaped) loads as this
+        rank's shard, resharded by DCP. One saved in the other layout (FSDP2 to ZeRO-3, ZeRO-3 to one device ...)
+        loads whole on every rank and is sliced by `load_sharded_`.
+        """
+        tracked, live = self._tracked(module), self._live(module)
+        saved_flat = set(saved_flat)
+        state = {}
+        for name in self._names:
+            layout = self.layouts[name]
+            kinds = [(prefix, self.averages[label][name]) for label, prefix in prefixes.items()]
+            kinds += [("training", live[name])] if with_training else []
+            for prefix, local in kinds:
+                if layout.flat == (name in saved_flat):
+                    state[f"{prefix}/{name}"] = layout.as_dtensor(tracked[name], torch.zeros_like(local))
+                else:
+                    shape = (math.prod(self.global_shapes[name]),) if name in saved_flat else self.global_shapes[name]
+                    state[f"{prefix}/{name}"] = torch.zeros(shape, dtype=local.dtype, device=local.device)
+        return state
+
+    @torch.no_grad()
+    def load_sharded_(
+        self, module: nn.Module, state: Mapping[str, Tensor], prefixes: Mapping[str, str], saved_flat: list[str]
+    ) -> None:
+        """Restores every average (and the training weights when `state` has them) from a loaded
+        `empty_sharded_state`."""
+        tracked, saved_flat = self._tracked(module), set(saved_flat)
+
+        def local(name: str, label: str | None) -> Tensor:
+            loaded = state[f"{'training' if label is None else prefixes[label]}/{name}"]
+            layout = self.layouts[name]
+            if layout.flat == (name in saved_flat):
+                return layout.from_dtensor(tracked[name], loaded)
+            return layout.shard(tracked[name], loaded.reshape(self.global_shapes[name]))
+
+        self._restore_(module, local, with_training=any(key.startswith("training/") for key in state))
+
+    @torch.no_grad()
+    def _restore_(self, module: nn.Module, local: Callable[[str, str | None], Tensor], with_training: bool) -> None:
+        """Sets each average to `local(name, label)` (this rank's tensor) and, `with_training`, each live tensor to
+        `local(name, None)`; then the model holds the training weights."""
+        self.wait()
+        self.holds = None
+        self._stash.clear()
+        live = self._live(module)
+        for name in self._names:
+            for label in self.labels:
+                self.averages[label][name].copy_(local(name, label))
+            if with_training:
+                live[name].copy_(local(name, None))
+        if with_training:
+            self._refresh(module)
+
+    def _refresh(self, module: nn.Module) -> None:
+        if self.zero3:  # forwards read the gathered copies of small ZeRO-3 parameters: re-gather them
+            refresh_(list(self._tracked(module).values()))
+
+    def _require_training_in_model(self, action: str) -> None:
+        if self.holds is not None:
+            raise RuntimeError(
+                f"Cannot {action} while the average {self.holds!r} is in the model; place the training weights first."
+            )
+
+
+def _mismatch_message(shadow: Mapping[str, Tensor], live: Mapping[str, Tensor]) -> str:
+    missing = [n for n in shadow if n not in live]
+    extra = [n for n in live if n not in shadow]
+    reshaped = [
+        f"{n} {tuple(shadow[n].shape)} -> {tuple(live[n].shape)}"
+        for n in shadow
+        if n in live and shadow[n].shape != live[n].shape
+    ]
+    parts = []
+    if missing:
+        parts.append(f"no longer trainable or gone: {', '.join(missing[:5])}")
+    if extra:
+        parts.append(f"new or newly trainable: {', '.join(extra[:5])}")
+    if reshaped:
+        parts.append(f"reshaped: {', '.join(reshaped[:5])}")
+    return (
+        "The model's tracked tensors changed after the EMA average was created (" + "; ".join(parts) + "). An average "
+        "of a different set of tensors would be silently partial. Make such changes (resize_token_embeddings, "
+        "freezing or unfreezing layers) before training starts, or start a new training run so the average is rebuilt."
+    )
