@@ -92,12 +92,12 @@ def phase_swap_save(dtype_name: str) -> dict:
     from transformers import Trainer, TrainingArguments
 
     from hf_ema import EMAArguments, EMACallback
-    from hf_ema.store import EMAStore as ShadowStore
+    from hf_ema.store import EMAStore
 
     model = build_model(dtype_name)
     params = [p for p in model.parameters() if p.requires_grad]
     store_holder = {}
-    build = measure(lambda: store_holder.setdefault("store", ShadowStore(model)))
+    build = measure(lambda: store_holder.setdefault("store", EMAStore(model)))
     store = store_holder["store"]
 
     def swap():

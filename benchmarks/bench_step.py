@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
 
-from hf_ema.store import EMAStore as ShadowStore  # noqa: E402
+from hf_ema.store import EMAStore  # noqa: E402
 
 
 def build(layers: int):
@@ -57,7 +57,7 @@ def run(mode: str, layers: int, steps: int, batch, every: int = 1) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    stores = [] if mode == "none" else [ShadowStore(model, device="cpu" if mode == "cpu" else None)]
+    stores = [] if mode == "none" else [EMAStore(model, device="cpu" if mode == "cpu" else None)]
     for _ in range(3):
         step(model, optimizer, batch, stores)
     for store in stores:
@@ -87,7 +87,7 @@ def run(mode: str, layers: int, steps: int, batch, every: int = 1) -> dict:
 def check_agreement(layers: int, batch) -> float:
     model = build(layers)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    on_gpu, on_host = ShadowStore(model), ShadowStore(model, device="cpu")
+    on_gpu, on_host = EMAStore(model), EMAStore(model, device="cpu")
     assert all(t.is_pinned() for t in on_host.shadow.values())
     for _ in range(5):
         step(model, optimizer, batch, [on_gpu, on_host])

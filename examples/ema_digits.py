@@ -176,7 +176,8 @@ def train(output_dir: Path, seed: int, max_steps: int, eval_steps: int) -> list[
 def columns() -> dict[str, str]:
     """Table and plot columns: the training weights, then the averages from the shortest half-life to the longest."""
     ordered = sorted(HALF_LIVES, key=lambda label: int(label.removesuffix("ba")))
-    return {"training_accuracy": "training weights", **{f"ema_{h}_accuracy": f"EMA {h}" for h in ordered}}
+    names = {h: f"EMA {h}" + (" (primary)" if h == HALF_LIVES[0] else "") for h in ordered}
+    return {"training_accuracy": "training weights", **{f"ema_{h}_accuracy": names[h] for h in ordered}}
 
 
 def summarize(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:

@@ -279,12 +279,12 @@ def sharded_state_missing_shard(tmp_path):
     from types import SimpleNamespace
 
     from hf_ema.checkpoint import save_sharded_sidecar
-    from hf_ema.store import EMAStore as ShadowStore
+    from hf_ema.store import EMAStore
     from hf_ema.time import Clock
 
     model = TinyModel(TinyConfig())
     callback = EMACallback(EMAArguments(half_life="4ba"))
-    callback.model, callback.store = model, ShadowStore(model, labels=["4ba"])
+    callback.model, callback.store = model, EMAStore(model, labels=["4ba"])
     callback.schedule.start(Clock(), 0)
     meta = callback._sidecar_meta(SimpleNamespace(global_step=8), holds="4ba")
     folder = tmp_path / "checkpoint-8"
@@ -294,11 +294,11 @@ def sharded_state_missing_shard(tmp_path):
 
 
 def zero3_copy(tmp_path):
-    from hf_ema.store import EMAStore as ShadowStore
+    from hf_ema.store import EMAStore
 
     model = fake_zero3(TinyModel(TinyConfig()))
     callback = EMACallback(EMAArguments(half_life="4ba"))
-    callback.model, callback.store = model, ShadowStore(model)
+    callback.model, callback.store = model, EMAStore(model)
     callback.ema_model()
 
 

@@ -9,7 +9,7 @@ from torch import nn
 from hf_ema import compute_ema
 from hf_ema.core import ema_update_, exchange_, tracked_tensors
 from hf_ema.schedule import smoothing_from_half_life
-from hf_ema.store import EMAStore as ShadowStore
+from hf_ema.store import EMAStore
 
 
 class Net(nn.Module):
@@ -119,7 +119,7 @@ def test_exchange_keeps_storage():
 )
 def test_store_swap_round_trip_is_bit_exact(dtype, policy):
     model = Net().to(dtype)
-    store = ShadowStore(model, policy)
+    store = EMAStore(model, policy)
     perturb(model, 5)
     store.update_(model, 0.7)
     before = {n: t.clone() for n, t, _ in tracked_tensors(model)}
@@ -139,7 +139,7 @@ def test_store_swap_round_trip_is_bit_exact(dtype, policy):
 
 def test_store_refuses_changed_model():
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
-    store = ShadowStore(model)
+    store = EMAStore(model)
     model[1].requires_grad_(False)
     with pytest.raises(RuntimeError, match="1.weight"):
         store.update_(model, 0.5)

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from hf_ema import EMAArguments, EMATrainer
 from hf_ema.core import tracked_tensors
-from hf_ema.store import EMAStore as ShadowStore
+from hf_ema.store import EMAStore
 
 BF16_ULP_AT_1 = 2.0**-7
 
@@ -137,7 +137,7 @@ def test_host_average_matches_on_device_average(tmp_path):
 def test_asynchronous_store_is_bit_identical(dtype):
     """The overlapped path (staging buffers, background thread) computes exactly what the direct path does."""
     model = TinyModel(TinyConfig(with_norm=True)).to(dtype)
-    direct, overlapped = ShadowStore(model), ShadowStore(model, asynchronous=True)
+    direct, overlapped = EMAStore(model), EMAStore(model, asynchronous=True)
     generator = torch.Generator().manual_seed(0)
     for step in range(5):
         with torch.no_grad():
@@ -159,7 +159,7 @@ def test_store_memory_is_the_trainable_parameters_in_the_average_dtype():
     model = tiny_llama().to(torch.bfloat16)
     for p in model.model.layers[0].parameters():
         p.requires_grad_(False)
-    store = ShadowStore(model)
+    store = EMAStore(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert store.numel() == trainable
     assert store.nbytes() == 4 * trainable  # float32 averages of bf16 weights

@@ -50,7 +50,7 @@ def fsdp2(out: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     from hf_ema import EMAArguments, EMACallback
-    from hf_ema.store import EMAStore as ShadowStore
+    from hf_ema.store import EMAStore
     from hf_ema.time import Clock
 
     dist.init_process_group("gloo")
@@ -71,7 +71,7 @@ def fsdp2(out: str) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     callback = EMACallback(EMAArguments(half_life=["4ba", "8ba"]))
     callback.model = model
-    callback.store = ShadowStore(model, labels=callback.labels)
+    callback.store = EMAStore(model, labels=callback.labels)
     callback.schedule.start(Clock(), 0)
     local_before = {n: t.clone() for n, t in callback.store.shadow.items()}
     weights = {0: full_weights(model)}

@@ -17,7 +17,7 @@ from helpers import build  # noqa: E402
 
 from hf_ema import EMAArguments  # noqa: E402
 from hf_ema.core import ema_update_  # noqa: E402
-from hf_ema.store import EMAStore as ShadowStore  # noqa: E402
+from hf_ema.store import EMAStore  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_update_and_swap_never_synchronise_with_the_host():
     model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.LayerNorm(256), torch.nn.Linear(256, 8))
     model = model.cuda().to(torch.bfloat16)
-    store = ShadowStore(model, "auto")
+    store = EMAStore(model, "auto")
     same = [torch.randn(1000, device="cuda") for _ in range(4)]
     live = [torch.randn(1000, device="cuda") for _ in range(4)]
     torch.cuda.synchronize()
