@@ -190,14 +190,14 @@ def summarize(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
 
 def format_table(rows: list[dict[str, float]]) -> str:
     names = columns()
-    header = f"{'step':>6} | " + " | ".join(f"{name:>16}" for name in names.values())
+    header = f"{'step':>6} | " + " | ".join(f"{name:>18}" for name in names.values())
     lines = ["test accuracy", header, "-" * len(header)]
     for row in rows:
-        lines.append(f"{row['step']:>6} | " + " | ".join(f"{row[column]:>16.4f}" for column in names))
+        lines.append(f"{row['step']:>6} | " + " | ".join(f"{row[column]:>18.4f}" for column in names))
     summary = summarize(rows)
     lines.append("-" * len(header))
     for kind in ("final", "mean"):
-        lines.append(f"{kind:>6} | " + " | ".join(f"{summary[column][kind]:>16.4f}" for column in names))
+        lines.append(f"{kind:>6} | " + " | ".join(f"{summary[column][kind]:>18.4f}" for column in names))
     return "\n".join(lines)
 
 
