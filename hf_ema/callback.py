@@ -7,6 +7,7 @@ import copy
 import logging
 import os
 import sys
+import uuid
 import weakref
 from collections.abc import Iterator
 
@@ -25,6 +26,7 @@ from .checkpoint import (
     has_sidecar,
     load_sharded_tensors,
     load_sidecar,
+    read_meta,
     read_sharded_meta,
     save_sharded_sidecar,
     save_sidecar,
@@ -36,11 +38,14 @@ from .placement import TRAINING, Placement
 from .rules import describe
 from .schedule import START, EMASchedule
 from .store import EMAStore, average_key
-from .time import Clock
+from .time import Clock, reached
 
 logger = logging.getLogger(__name__)
 
 PREFIX_CHECKPOINT_DIR = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR, checked by a test
+
+RUN_KEY = "hf_ema"
+"""Key of hf-ema's entry in `TrainerState.stateful_callbacks` (saved in every checkpoint's trainer_state.json)."""
 
 # The EMACallback of each running Trainer, keyed by the Trainer's state object (one per Trainer and train() call):
 # every callback of a Trainer sees the same state, so a second EMACallback finds the first here.
@@ -105,6 +110,7 @@ class EMACallback(TrainerCallback):
         self.trainer = None  # an EMAMixin trainer that bound itself (see `bind`)
         self.training = False  # between on_train_begin and on_train_end
         self._sidecar_step: int | None = None
+        self._run_id: str | None = None  # a fresh id per train() call, in the Trainer's state and every EMA state
         self._told_not_started = False
         self._sharded = False
 
@@ -240,6 +246,7 @@ class EMACallback(TrainerCallback):
             "model_files_average": holds,
             "fingerprint": self.store.fingerprint() if self.started else None,
             "flat_names": self.store.flat_names if self.started else [],
+            "run_id": self._run_id,
         }
 
     # ---- Trainer hooks ----
@@ -262,10 +269,12 @@ class EMACallback(TrainerCallback):
         self._check_units(args, state)
         self._sharded = self._check_backend(args, model) == "sharded"
         self._tell_what_a_stock_trainer_skips(args)
+        resumed_run = self._stamp_run(args, state)
         if state.global_step > 0:
-            self._resume(args, state, model)
+            self._resume(args, state, model, resumed_run)
         elif self.schedule.starts_at_zero:
             self._start(args, state)
+        self._warn_if_no_update_can_happen(args, state, kwargs.get("train_dataloader"))
         self._apply("on_train_begin", args, control)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -338,6 +347,7 @@ class EMACallback(TrainerCallback):
         if self.started:
             self.placement.place(TRAINING)
             self._check_finite(state, "The EMA weights were not put into the model; it holds the training weights")
+        self._warn_if_nothing_averaged(args, state)
         self._apply("on_train_end", args, control)  # what the user does next (save, push, evaluate) uses the EMA
         self.training = False
 
@@ -475,6 +485,11 @@ class EMACallback(TrainerCallback):
             )
 
     def _advance(self, args: TrainingArguments, state: TrainerState) -> None:
+        if state.max_steps > 0 and state.global_step > state.max_steps:
+            # Resuming a finished run from its last checkpoint makes the Trainer take one more step (at a learning
+            # rate of 0 with a decaying schedule): that is not part of the run, and the averages stay as they were.
+            logger.debug("Step %d is past max_steps=%d; the EMA is not updated.", state.global_step, state.max_steps)
+            return
         before = self.schedule.state_dict() if self.ema_args.ema_skip_non_finite else None
         action = self.schedule.step(self._clock(args, state), state.global_step)
         if isinstance(action, dict) and before is not None:
@@ -545,8 +560,121 @@ class EMACallback(TrainerCallback):
             return os.fspath(self.resume_from_checkpoint)
         return self._run_checkpoint(args, state)
 
-    def _resume(self, args: TrainingArguments, state: TrainerState, model: nn.Module) -> None:
+    def _started_by(self, args: TrainingArguments, state: TrainerState) -> bool:
+        """Whether averaging had started by now (so that a checkpoint of now must hold EMA state)."""
+        start = self.ema_args.ema_start_time
+        return start.value == 0 or reached(self._clock(args, state)[start.unit], start.value)
+
+    def _warn_if_no_update_can_happen(self, args: TrainingArguments, state: TrainerState, dataloader) -> None:
+        """Warns at train begin when the run ends before the first update (or the start) can happen."""
+        if not args.should_log or state.max_steps <= 0:
+            return
+        steps = state.max_steps
+        try:
+            per_epoch = max(len(dataloader) // max(args.gradient_accumulation_steps, 1), 1)
+        except TypeError:  # no dataloader or no length: epochs are not known ahead
+            per_epoch = None
+        per_device = state.train_batch_size or args.per_device_train_batch_size
+        samples = steps * per_device * args.gradient_accumulation_steps * max(args.world_size, 1)
+        end = {"ba": steps, "sp": samples, "dur": 1.0, "ep": steps / per_epoch if per_epoch else None}
+        a, now = self.ema_args, self._clock(args, state)
+        start, interval = a.ema_start_time, a.update_interval_time
+        problem = None
+        if end.get(start.unit) is not None and not self.schedule.started and not reached(end[start.unit], start.value):
+            problem = f"averaging never starts: ema_start={a.ema_start!r} is not reached by the end of the run"
+        elif end.get(interval.unit) is not None:
+            if self.schedule.started:
+                first = self.schedule.last_clock[interval.unit] + interval.value
+            elif start.value == 0:
+                first = now[interval.unit] + interval.value
+            elif start.unit == interval.unit:
+                first = start.value + interval.value
+            else:
+                first = None
+            if first is not None and not reached(end[interval.unit], first):
+                problem = (
+                    f"the first update needs {interval} of training after the start ({first:g}{interval.unit}), but "
+                    f"the run ends at {end[interval.unit]:g}{interval.unit}"
+                )
+        if problem:
+            logger.warning(
+                "EMA: %s (max_steps=%d), so save_model() and evaluation would use %s. Shorten update_interval "
+                "(e.g. update_interval='1ba') or ema_start, or train longer.",
+                problem,
+                steps,
+                "the training weights" if "never starts" in problem else "the initial weights",
+            )
+
+    def _warn_if_nothing_averaged(self, args: TrainingArguments, state: TrainerState) -> None:
+        if not args.should_log or state.global_step <= 0:
+            return
+        if not self.started:
+            logger.warning(
+                "EMA: training ended at step %d before averaging started (ema_start=%r); the model holds the "
+                "training weights.",
+                state.global_step,
+                self.ema_args.ema_start,
+            )
+        elif self.num_updates == 0:
+            logger.warning(
+                "EMA: training ended at step %d with no update of the average since it started (update_interval=%s), "
+                "so it holds the weights of the start, and save_model() writes those. Use a shorter update_interval.",
+                state.global_step,
+                self.ema_args.update_interval_time,
+            )
+
+    def _stamp_run(self, args: TrainingArguments, state: TrainerState) -> dict | None:
+        """Gives this train() call a fresh id, in the Trainer's state (saved in every checkpoint's
+        trainer_state.json) and in every EMA state it writes, and returns the stamp of the run it resumes, if any.
+
+        A resumed checkpoint's EMA state is the one whose id its trainer state holds: that pairs them even when a
+        stock Trainer resumes from a folder the callback is not told of.
+        """
+        callbacks = state.stateful_callbacks if isinstance(state.stateful_callbacks, dict) else None
+        resumed = None
+        if callbacks is not None and state.global_step > 0:
+            resumed = (callbacks.get(RUN_KEY) or {}).get("attributes") or None
+        self._run_id = uuid.uuid4().hex
+        if callbacks is not None:
+            stamp = {"run_id": self._run_id, "output_dir": os.path.abspath(args.output_dir)}
+            callbacks[RUN_KEY] = {"args": {}, "attributes": stamp}
+        return resumed
+
+    def _written_by(self, folder: str, run: dict | None) -> bool:
+        """Whether `folder`'s EMA state was written by `run` (True when either side predates run ids)."""
+        if not run or not run.get("run_id") or not has_sidecar(folder):
+            return True
+        written = read_meta(folder).get("run_id")
+        return written is None or written == run["run_id"]
+
+    def _resume(self, args: TrainingArguments, state: TrainerState, model: nn.Module, run: dict | None = None) -> None:
         folder = self._checkpoint_folder(args, state)
+        if (
+            self.resume_from_checkpoint is None
+            and run
+            and (not has_sidecar(folder) or not self._written_by(folder, run))
+        ):
+            # A stock Trainer resumed from a folder it did not tell us: the one its trainer state was written in.
+            elsewhere = os.path.join(run.get("output_dir", ""), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            if os.path.abspath(elsewhere) != os.path.abspath(folder) and self._written_by(elsewhere, run):
+                if has_sidecar(elsewhere):
+                    logger.info(
+                        "Resuming the EMA from %s: the Trainer's state was restored from that run's checkpoint, "
+                        "not from %s.",
+                        elsewhere,
+                        folder,
+                    )
+                    folder = elsewhere
+        if has_sidecar(folder) and not self._written_by(folder, run):
+            raise EMAStateError(
+                f"Resuming at step {state.global_step}: the Trainer restored its state from a checkpoint of run "
+                f"{run['run_id'][:8]} (written in {run.get('output_dir')}), but the EMA state in {folder} belongs to "
+                "another run (same step, another folder), and reading it would replace the loaded training weights. "
+                "Pass the folder you resume from as EMACallback(..., resume_from_checkpoint=path), or use EMATrainer, "
+                "which passes it itself."
+            )
+        if not has_sidecar(folder) and not self._started_by(args, state):
+            return  # averaging starts later: there is no EMA state to restore yet
         if not has_sidecar(folder):
             if not os.path.isdir(folder):
                 problem = (

@@ -209,6 +209,27 @@ def load_sidecar(checkpoint_dir: str | os.PathLike, device: torch.device | str =
     return Sidecar(meta=meta, tensors=tensors)
 
 
+def read_meta(checkpoint_dir: str | os.PathLike) -> dict:
+    """The JSON document of a checkpoint's EMA state, either form, without reading its tensors."""
+    if not os.path.isfile(sidecar_path(checkpoint_dir)):
+        return read_sharded_meta(checkpoint_dir)
+    path = sidecar_path(checkpoint_dir)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+        if _METADATA_KEY not in metadata:
+            raise EMAStateError(f"{path} has no '{_METADATA_KEY}' metadata; it was not written by hf-ema.")
+        meta = json.loads(metadata[_METADATA_KEY])
+    except EMAStateError:
+        raise
+    except Exception as error:
+        raise EMAStateError(
+            f"{path} is corrupt or truncated and cannot be read ({type(error).__name__}: {error})."
+        ) from error
+    _check_version(path, meta)
+    return meta
+
+
 def average_prefixes(meta: Mapping) -> dict[str, str]:
     """`{label: key prefix}` of the averages an EMA state holds, primary first, for either format version."""
     if meta.get("format_version", 1) >= 2:

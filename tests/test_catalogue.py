@@ -150,6 +150,7 @@ def training_weights_missing(tmp_path):
 def stock_trainer_outside_output_dir(tmp_path):
     trained_checkpoint(tmp_path / "a")
     shutil.copytree(tmp_path / "a" / "checkpoint-8", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "a")  # the folder its trainer state names is gone too
     resume(tmp_path / "b", kind="callback", path=tmp_path / "moved")
 
 

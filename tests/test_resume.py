@@ -89,7 +89,14 @@ def test_stock_trainer_explicit_path_via_callback(tmp_path):
     full.train()
     shutil.copytree(tmp_path / "a" / "checkpoint-8", tmp_path / "elsewhere")
 
-    stock, _, _ = build(tmp_path / "b", ema_args, kind="callback", **common)
+    # The trainer state of the copy names the run and folder that wrote it: the callback reads the EMA state there.
+    stock, _, stock_cb = build(tmp_path / "b", ema_args, kind="callback", **common)
+    stock.train(resume_from_checkpoint=str(tmp_path / "elsewhere"))
+    assert_identical(finals(stock, stock_cb)[0], finals(full, full_cb)[0])
+    assert_identical(finals(stock, stock_cb)[1], finals(full, full_cb)[1])
+    # With that folder gone, the stock Trainer cannot tell the callback where it resumed from: a refusal.
+    shutil.rmtree(tmp_path / "a" / "checkpoint-8")
+    stock, _, _ = build(tmp_path / "b2", ema_args, kind="callback", **common)
     with pytest.raises(EMAStateError, match="resume_from_checkpoint=path"):
         stock.train(resume_from_checkpoint=str(tmp_path / "elsewhere"))
 
@@ -182,3 +189,56 @@ def test_train_twice_continues_from_training_weights(tmp_path):
     trainer.train()
     # The second run started from the training weights of the first, not from the EMA left in the model.
     assert_identical(recorder.weights[0], training_after_first)
+
+
+def test_stock_trainer_resuming_another_folders_checkpoint_reads_that_folder(tmp_path):
+    """Outside testing found it: a stock Trainer resuming from A/checkpoint-8 while its output_dir B also holds a
+    checkpoint-8 (of another run) loaded B's EMA state and training weights over what the Trainer loaded from A."""
+    ema_args = EMAArguments(half_life="4ba")
+    common = dict(num_train_epochs=2, save_strategy="steps", save_steps=8)
+    run_a, _, cb_a = build(tmp_path / "a", ema_args, kind="callback", **common)
+    run_a.train()
+    run_b, _, _ = build(tmp_path / "b", ema_args, kind="callback", learning_rate=0.2, **common)
+    run_b.train()  # another run: B/checkpoint-8 differs from A/checkpoint-8
+    resumed, _, resumed_cb = build(tmp_path / "b", ema_args, kind="callback", **common)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-8"))
+    assert_identical(finals(resumed, resumed_cb)[0], finals(run_a, cb_a)[0])
+    assert_identical(finals(resumed, resumed_cb)[1], finals(run_a, cb_a)[1])
+    # Where A's EMA state cannot be found, the mismatch is refused, naming both sides.
+    shutil.copytree(tmp_path / "a" / "checkpoint-8", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "a")
+    resumed, _, _ = build(tmp_path / "b", ema_args, kind="callback", **common)
+    with pytest.raises(
+        EMAStateError,
+        match=r"restored its state from a checkpoint of run \w+ \(written in .*/a\), but the EMA state in .*/b/checkpoint-8",
+    ):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "moved"))
+
+
+def test_resume_before_a_late_start_needs_no_ema_state(tmp_path):
+    """A checkpoint from before `ema_start` needs no EMA state: resuming it with a stock Trainer from another folder
+    (which the callback cannot find) is not refused, and the run ends as the uninterrupted one."""
+    ema_args = EMAArguments(half_life="4ba", ema_start="10ba")
+    common = dict(num_train_epochs=2, save_strategy="steps", save_steps=8)
+    full, _, full_cb = build(tmp_path / "a", ema_args, kind="callback", **common)
+    full.train()
+    shutil.copytree(tmp_path / "a" / "checkpoint-8", tmp_path / "moved")
+    (tmp_path / "moved" / "ema_state.safetensors").unlink()
+    shutil.rmtree(tmp_path / "a")
+    resumed, _, resumed_cb = build(tmp_path / "b", ema_args, kind="callback", **common)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "moved"))
+    assert_identical(finals(resumed, resumed_cb)[0], finals(full, full_cb)[0])
+
+
+def test_rerunning_a_finished_job_leaves_the_average(tmp_path):
+    """Resuming from the last checkpoint of a finished run: the Trainer takes one more step past max_steps; the
+    averages do not move."""
+    ema_args = EMAArguments(half_life="4ba")
+    common = dict(num_train_epochs=2, save_strategy="steps", save_steps=8)
+    full, _, full_cb = build(tmp_path, ema_args, kind="callback", **common)
+    full.train()
+    expected, updates = finals(full, full_cb)[0], full_cb.num_updates
+    again, _, again_cb = build(tmp_path, ema_args, kind="callback", **common)
+    again.train(resume_from_checkpoint=True)
+    assert again_cb.num_updates == updates == 16
+    assert_identical(finals(again, again_cb)[0], expected)
