@@ -14,6 +14,7 @@ EMA_DTYPES = ("auto", "float32", "same")
 CHECKPOINT_WEIGHTS = ("ema", "training")
 RESUME_WITHOUT_STATE = ("error", "restart")
 BUFFERS = ("average", "copy")
+SCHEDULES = ("hf-ema", "composer")
 EVAL_DURING_TRAINING = ("all", "primary")
 SIGMA_REL_LIMIT = round(SIGMA_REL_MAX, 4)  # 0.2887, as users type the uniform average's sigma_rel
 
@@ -54,6 +55,11 @@ class EMAArguments:
             half-lives in several units) or to `"1ba"` with `smoothing` and `sigma_rel`. With `half_life`, a longer
             interval keeps the same time constant; with `sigma_rel`, it samples the same power-function average
             more coarsely.
+        ema_schedule (`str`, *optional*, defaults to `"hf-ema"`):
+            `"hf-ema"`: a zero start sets the averages to the weights at train begin, and updates come every
+            `update_interval` counted from the start, in any unit. `"composer"`: MosaicML Composer's update times
+            exactly (docs/usage.md, "Differences from Composer"): the start waits for the first update event, updates
+            come at multiples of the interval, with its fixed smoothing; intervals in `ba` or `ep` only.
         ema_start (`str`, *optional*, defaults to `"0.0dur"`):
             When averaging begins. At the start the average is set to the current weights; before it, evaluation and
             saving use the training weights.
@@ -136,6 +142,14 @@ class EMAArguments:
         metadata={
             "help": "How often the average is updated ('1ba', '10ba', '1ep'). Defaults to 1 of half_life's unit "
             "('1ba' for a 'dur' half-life, for half-lives in several units, with `smoothing` or `sigma_rel`)."
+        },
+    )
+    ema_schedule: Literal["hf-ema", "composer"] = field(
+        default="hf-ema",
+        metadata={
+            "help": "Update times: 'hf-ema' (the default: start at train begin, updates every interval counted from "
+            "the start, any units) or 'composer' (MosaicML Composer's exactly: start at the first update event, "
+            "updates at multiples of the interval, 'ba'/'ep' intervals with a half-life in the same unit)."
         },
     )
     ema_start: str = field(
@@ -257,6 +271,9 @@ class EMAArguments:
         _check_choice("ema_checkpoint_weights", self.ema_checkpoint_weights, CHECKPOINT_WEIGHTS)
         _check_choice("ema_resume_without_state", self.ema_resume_without_state, RESUME_WITHOUT_STATE)
         _check_choice("ema_buffers", self.ema_buffers, BUFFERS)
+        _check_choice("ema_schedule", self.ema_schedule, SCHEDULES)
+        if self.ema_schedule == "composer":
+            self._check_composer()
         if self.ema_device is not None and self.ema_device != "cpu":
             raise ValueError(
                 f"`ema_device` must be None (the parameters' device) or 'cpu', got {self.ema_device!r}. Use "
@@ -265,6 +282,28 @@ class EMAArguments:
         for name in ("ema_eval_training_weights", "ema_save_all_averages", "ema_skip_non_finite"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
+
+    def _check_composer(self) -> None:
+        """What Composer's EMA accepts: an interval in 'ba' or 'ep', a half-life in the interval's unit (or a fixed
+        smoothing), no warmup or power function."""
+        interval = self.update_interval_time
+        if interval.unit not in ("ba", "ep"):
+            raise ValueError(
+                f"`ema_schedule='composer'` updates at the end of batches or epochs, so `update_interval` must be in "
+                f"'ba' or 'ep', got {str(interval)!r}. Use e.g. update_interval='10ba', or ema_schedule='hf-ema'."
+            )
+        units = {time.unit for time in self._parsed_values()} if self.half_life is not None else set()
+        if units - {interval.unit}:
+            raise ValueError(
+                f"`ema_schedule='composer'` needs `half_life` in the unit of `update_interval` (as Composer does), got "
+                f"half_life={self.half_life!r} with update_interval {str(interval)!r}. Give both in one unit, or use "
+                "ema_schedule='hf-ema', which accepts mixed units."
+            )
+        if self.sigma_rel is not None or self.ema_warmup_power is not None:
+            raise ValueError(
+                "`ema_schedule='composer'` reproduces Composer's half-life and smoothing rules only; `sigma_rel` and "
+                "`ema_warmup_power` need ema_schedule='hf-ema'."
+            )
 
     # ---- the averages ----
 

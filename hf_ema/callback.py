@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import os
 import sys
 import uuid
@@ -292,13 +293,13 @@ class EMACallback(TrainerCallback):
         if getattr(optimizer, "step_was_skipped", False):
             logger.debug("Optimizer step %d was skipped (fp16 overflow); the EMA is not updated.", state.global_step)
         else:
-            self._advance(args, state)
+            self._advance(args, state, "batch")
         self._apply("on_step_end", args, control)
         self._write_state_before_save(args, state, control)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self.placement.place(TRAINING)
-        self._advance(args, state)  # at most one action per step: a no-op when on_step_end already acted
+        self._advance(args, state, "epoch")  # at most one action per step: a no-op when on_step_end already acted
         self._apply("on_epoch_end", args, control)
         self._write_state_before_save(args, state, control)
 
@@ -402,7 +403,12 @@ class EMACallback(TrainerCallback):
 
     def _new_schedule(self) -> EMASchedule:
         a = self.ema_args
-        return EMASchedule(update_interval=a.update_interval_time, ema_start=a.ema_start_time, rules=a.rules())
+        return EMASchedule(
+            update_interval=a.update_interval_time,
+            ema_start=a.ema_start_time,
+            rules=a.rules(),
+            composer=a.ema_schedule == "composer",
+        )
 
     def _resolve(self, model: nn.Module | None) -> nn.Module:
         model = model if model is not None else self.model
@@ -448,6 +454,14 @@ class EMACallback(TrainerCallback):
         total = per_device * args.gradient_accumulation_steps * max(args.world_size, 1)
         return Clock.from_counters(state.global_step, state.epoch, total, state.num_input_tokens_seen, state.max_steps)
 
+    def _composer_clock(self, args: TrainingArguments, state: TrainerState, event: str) -> Clock:
+        """The clock as Composer's timestamp reads at the end of a batch or an epoch: its epoch count is the epochs
+        completed, so at the end of an epoch's last batch it has not yet moved (the Trainer's `state.epoch` has)."""
+        clock = self._clock(args, state)
+        epoch = float(state.epoch or 0.0)
+        completed = round(epoch) if event == "epoch" else max(math.ceil(epoch - 1e-9) - 1, 0)
+        return Clock(**{**clock.to_dict(), "ep": float(completed)})
+
     def _check_units(self, args: TrainingArguments, state: TrainerState) -> None:
         units = self.ema_args.units()
         if "tok" in units and args.include_num_input_tokens_seen in (False, "no", None):
@@ -484,14 +498,17 @@ class EMACallback(TrainerCallback):
                 self.store.nbytes() / 2**20,
             )
 
-    def _advance(self, args: TrainingArguments, state: TrainerState) -> None:
+    def _advance(self, args: TrainingArguments, state: TrainerState, event: str) -> None:
         if state.max_steps > 0 and state.global_step > state.max_steps:
             # Resuming a finished run from its last checkpoint makes the Trainer take one more step (at a learning
             # rate of 0 with a decaying schedule): that is not part of the run, and the averages stay as they were.
             logger.debug("Step %d is past max_steps=%d; the EMA is not updated.", state.global_step, state.max_steps)
             return
         before = self.schedule.state_dict() if self.ema_args.ema_skip_non_finite else None
-        action = self.schedule.step(self._clock(args, state), state.global_step)
+        if self.schedule.composer:
+            action = self.schedule.step_composer(self._composer_clock(args, state, event), state.global_step, event)
+        else:
+            action = self.schedule.step(self._clock(args, state), state.global_step)
         if isinstance(action, dict) and before is not None:
             bad = self._on_any_rank(self.store.non_finite_training(self.model))  # skip everywhere if any rank must
             if bad is not None:

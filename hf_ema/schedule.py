@@ -34,6 +34,7 @@ class EMASchedule:
     update_interval: Time
     ema_start: Time
     rules: Mapping[str, Rule] = field(default_factory=dict)
+    composer: bool = False
     started: bool = False
     start_clock: Clock | None = None
     last_clock: Clock | None = None
@@ -46,7 +47,34 @@ class EMASchedule:
 
     @property
     def starts_at_zero(self) -> bool:
-        return self.ema_start.value == 0
+        """Whether averaging starts at train begin (Composer's schedule waits for the first update event)."""
+        return self.ema_start.value == 0 and not self.composer
+
+    def step_composer(self, clock: Clock, step: int, event: str) -> str | dict[str, float] | None:
+        """Composer's `EMA.match`/`apply` at the end of a batch (`event="batch"`) or an epoch (`"epoch"`).
+
+        Only the update event counts (batch ends for a `ba` interval, epoch ends for `ep`). There, averaging starts
+        once the clock reaches `ema_start` (the averages are set to the current weights), and an update happens when
+        the interval's clock is a multiple of the interval, with the smoothing of one interval. `clock` is Composer's:
+        at a batch end its epoch count is the epochs completed before it. An update at the start event leaves the
+        averages equal to the weights; it is counted, not computed.
+        """
+        interval = self.update_interval
+        if event != ("batch" if interval.unit == "ba" else "epoch") or step == self.last_step:
+            return None
+        action = None
+        if not self.started and reached(clock[self.ema_start.unit], self.ema_start.value):
+            self.start(clock, step)
+            action = START
+        if not self.started or round(clock[interval.unit]) % int(interval.value) != 0:
+            return action
+        self.last_clock, self.last_step = clock, step
+        self.num_updates += 1
+        if action == START:
+            return START
+        previous = Clock(**{**clock.to_dict(), interval.unit: clock[interval.unit] - interval.value})
+        counters = Counters(now=clock, previous=previous, start=self.start_clock)
+        return {label: float(rule(counters)) for label, rule in self.rules.items()}
 
     def step(self, clock: Clock, step: int) -> str | dict[str, float] | None:
         """Says what to do at the end of optimizer step `step` (`global_step`) with the clock at `clock`.
