@@ -20,7 +20,8 @@ HEAD = "# Troubleshooting: every refusal and its way out\n\nhf-ema refuses bad i
 TAIL = "\n\n## Other situations\n\n- **An exception escaped `train()` of a stock Trainer** (an evaluation or save raised): the model may hold the EMA\n  weights. Call `callback.restore_training_weights()` before doing anything else with the model. `EMATrainer.train()`\n  does this itself before re-raising.\n- **Training diverged and the weights became NaN/Inf**: without `ema_skip_non_finite`, the next checkpoint (or the end\n  of training) raises `FloatingPointError` and writes nothing for that checkpoint; resume from the last good one.\n  With `ema_skip_non_finite=True` each update first checks the training weights (one host sync per update) and skips\n  non-finite ones with a warning, so the average keeps its last finite value.\n- **EMA settings changed between the checkpoint and the resume**: allowed, with a warning listing both; the counters\n  carry over. Changing `ema_dtype` is refused (the averages' dtypes no longer match, see above).\n- **`save_only_model=True`**: checkpoints hold no optimizer, scheduler or RNG state, so the Trainer cannot resume the\n  training trajectory exactly in general; the EMA sidecar is written all the same and the average resumes exactly\n  (bit-exact in the test, whose SGD optimizer and constant schedule are stateless).\n"
 
 
-def main() -> None:
+def render() -> str:
+    """docs/troubleshooting.md as the catalogue makes it now (runs every case)."""
     rows = []
     for name, trigger, error, _ in test_catalogue.CATALOGUE:
         folder = pathlib.Path(tempfile.mkdtemp())
@@ -34,7 +35,11 @@ def main() -> None:
         else:
             raise SystemExit(f"catalogue case {name!r} raised nothing")
     table = "| case | exception | message |\n| --- | --- | --- |\n" + "\n".join(rows)
-    (ROOT / "docs" / "troubleshooting.md").write_text(HEAD + table + TAIL, encoding="utf-8")
+    return HEAD + table + TAIL
+
+
+def main() -> None:
+    (ROOT / "docs" / "troubleshooting.md").write_text(render(), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -815,11 +815,21 @@ class EMACallback(TrainerCallback):
 
 
 def deepspeed_config(args: TrainingArguments) -> dict | None:
-    """The DeepSpeed config the Trainer trains with (its "auto" values filled in), or None without DeepSpeed."""
-    config = getattr(getattr(args, "hf_deepspeed_config", None), "config", None)
-    if config is None and isinstance(getattr(args, "deepspeed", None), dict):
-        config = args.deepspeed
-    return config
+    """The DeepSpeed config the Trainer trains with (its "auto" values filled in), or None without DeepSpeed.
+
+    Read from `TrainingArguments.hf_deepspeed_config` (checked by name in tests/test_trainer_internals.py): were it
+    renamed, the ZeRO-3 refusals would be skipped silently, so its absence under DeepSpeed raises instead.
+    """
+    holder = getattr(args, "hf_deepspeed_config", None)
+    if holder is not None:
+        return holder.config
+    if args.deepspeed:
+        raise RuntimeError(
+            "TrainingArguments has a DeepSpeed config but no `hf_deepspeed_config`, from which hf-ema reads it (the "
+            "ZeRO-3 checks depend on it): this transformers version moved it. Use a transformers version hf-ema "
+            "supports (README), or report it."
+        )
+    return None
 
 
 def _is_best(args: TrainingArguments) -> bool:

@@ -15,10 +15,8 @@ __all__ = ["check_backend", "comm_device", "fsdp_modules", "refresh_", "reshard_
 
 def fsdp_modules(module: nn.Module) -> list[nn.Module]:
     """The FSDP2 (`fully_shard`) modules inside `module`, empty without FSDP2."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without FSDP2
-        return []
+    from torch.distributed.fsdp import FSDPModule  # public since torch 2.6
+
     return [m for m in module.modules() if isinstance(m, FSDPModule)]
 
 

@@ -23,11 +23,7 @@ import math
 import torch
 import torch.distributed as dist
 from torch import Tensor
-
-try:  # torch >= 2.4
-    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
-except ImportError:  # pragma: no cover - torch without distributed tensors
-    DTensor, Shard, distribute_tensor = None, None, None
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 
 def is_zero3(tensor: Tensor) -> bool:
@@ -36,7 +32,7 @@ def is_zero3(tensor: Tensor) -> bool:
 
 
 def is_dtensor(tensor: Tensor) -> bool:
-    return DTensor is not None and isinstance(tensor, DTensor)
+    return isinstance(tensor, DTensor)
 
 
 def is_sharded(tensor: Tensor) -> bool:

@@ -238,9 +238,18 @@ class EMAMixin:
         training weights: the EMA would be silently missing from the saved model. The gather is DeepSpeed's own
         (`_zero3_consolidated_16bit_state_dict`, one parameter at a time, onto rank 0).
         """
-        engine = self.model_wrapped if self.is_deepspeed_enabled else None
-        zero = getattr(getattr(engine, "_config", None), "zero_config", None)
-        if zero is None or zero.stage != 3 or zero.gather_16bit_weights_on_model_save:
+        if not self.is_deepspeed_enabled or self.model_wrapped is self.model:  # no engine yet: nothing to gather
+            yield
+            return
+        try:  # checked by name on a real engine in the DeepSpeed tests; a rename must not skip the gather silently
+            zero = self.model_wrapped._config.zero_config
+        except AttributeError as error:
+            raise RuntimeError(
+                "hf-ema reads DeepSpeed's ZeRO settings from `engine._config.zero_config`, which this DeepSpeed "
+                "version does not have; saved model files could miss the EMA. Use a DeepSpeed version hf-ema "
+                "supports, or report it."
+            ) from error
+        if zero.stage != 3 or zero.gather_16bit_weights_on_model_save:
             yield
             return
         if not self._ema_told_zero3_gather and self.is_world_process_zero():

@@ -163,8 +163,9 @@ class AtStep(TrainerCallback):
             self.action(model)
 
 
-def change_model_mid_training(action, model=None):
-    def run(tmp_path):
+def change_model_mid_training(action, make_model=None):
+    def run(tmp_path):  # a new model per run: the action changes it
+        model = make_model() if make_model is not None else None
         trainer, _, _ = build(tmp_path, EMAArguments(half_life="4ba"), model=model, callbacks=[AtStep(3, action)])
         trainer.train()
 
@@ -385,7 +386,7 @@ CATALOGUE = [
     # model changes after the average exists
     (
         "parameter unfrozen mid-run",
-        change_model_mid_training(lambda m: m.linear.bias.requires_grad_(True), frozen_bias_model()),
+        change_model_mid_training(lambda m: m.linear.bias.requires_grad_(True), frozen_bias_model),
         RuntimeError,
         ["newly trainable: linear.bias"],
     ),
@@ -421,3 +422,21 @@ def test_bad_input_catalogue(tmp_path, trigger, error, words):
 
 def test_catalogue_size():
     assert len(CATALOGUE) >= 30
+
+
+def test_troubleshooting_page_is_in_step_with_the_catalogue():
+    """docs/troubleshooting.md is generated from this catalogue; a changed message or case must be regenerated."""
+    import importlib.util
+    import logging
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "docs" / "gen_troubleshooting.py"
+    spec = importlib.util.spec_from_file_location("gen_troubleshooting", path)
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    try:
+        expected = generator.render()
+    finally:
+        logging.disable(logging.NOTSET)  # the generator silences warnings for its run
+    written = (path.parent / "troubleshooting.md").read_text(encoding="utf-8")
+    assert written == expected, "docs/troubleshooting.md is stale: run python docs/gen_troubleshooting.py"

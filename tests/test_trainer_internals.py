@@ -46,6 +46,22 @@ def test_checkpoint_folder_name_and_skipped_steps():
     assert isinstance(inspect.getattr_static(AcceleratedOptimizer, "step_was_skipped"), property)
 
 
+def test_deepspeed_config_is_read_by_name(tmp_path):
+    """callback.deepspeed_config reads TrainingArguments.hf_deepspeed_config; check it on a real TrainingArguments."""
+    __import__("pytest").importorskip("deepspeed")
+    from transformers import TrainingArguments
+
+    from hf_ema.callback import deepspeed_config
+
+    zero = {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False}
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, deepspeed={"zero_optimization": zero})
+    assert type(args.hf_deepspeed_config).__name__ == "HfTrainerDeepSpeedConfig"
+    assert deepspeed_config(args)["zero_optimization"]["stage"] == 3
+    del args.hf_deepspeed_config  # as if transformers renamed it: a loud error, not a skipped check
+    with __import__("pytest").raises(RuntimeError, match="hf_deepspeed_config"):
+        deepspeed_config(args)
+
+
 def test_deepspeed_internals():
     """DeepSpeed (ZeRO-3) attributes and engine methods hf-ema reads; the CPU DeepSpeed runs exercise them all."""
     __import__("pytest").importorskip("deepspeed")
@@ -62,3 +78,24 @@ def test_deepspeed_internals():
     assert "get_state_dict(self.deepspeed)" in source or "_zero3_consolidated_16bit_state_dict" in source
     # The partition layout distributed._zero3_span assumes: ceil(numel / world) per rank, padded at the end.
     assert "remainder = param.ds_numel % partition_world_size" in inspect.getsource(Init._padding_size)
+
+
+def test_torch_apis_of_the_declared_oldest_torch():
+    """pyproject declares torch>=2.6 for these APIs (added in 2.6); each is checked by name."""
+    from torch.distributed.checkpoint import FileSystemWriter, load, save
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    assert "src_data_rank" in parameters(distribute_tensor)  # layout.DTensorShards.shard: no communication
+    assert "no_dist" in parameters(save) and "no_dist" in parameters(load)  # one-process sharded EMA state
+    assert callable(DeviceMesh.from_group) and callable(DTensor.from_local) and callable(FileSystemWriter)
+    assert callable(FSDPModule.reshard) and callable(fully_shard)
+    requirement = [line for line in open(_pyproject()).read().splitlines() if line.strip().startswith('"torch')]
+    assert requirement and ">=2.6" in requirement[0]
+
+
+def _pyproject():
+    import pathlib
+
+    return pathlib.Path(__file__).resolve().parent.parent / "pyproject.toml"

@@ -238,6 +238,10 @@ def deepspeed_run(out: str, stage: str, kind: str, resume_from: str | None) -> N
     )
     assert trainer.is_deepspeed_enabled
     trainer.train(resume_from_checkpoint=resume_from)
+    # The DeepSpeed internals hf-ema reads, by name on the real objects (EMAMixin._zero3_gathers_on_save, the
+    # callback's ZeRO-3 refusals): a rename would otherwise skip them silently.
+    assert trainer.model_wrapped._config.zero_config.stage == int(stage[0])
+    assert trainer.args.hf_deepspeed_config.config["zero_optimization"]["stage"] == int(stage[0])
     model = trainer.model  # holds the EMA after train()
     ema = state_of(model)
     with callback.training_weights(model):
