@@ -105,6 +105,9 @@ class EMAArguments:
     ```
     """
 
+    # HfArgumentParser puts the fields under this heading in --help, apart from TrainingArguments' options.
+    _argument_group_name = "EMA arguments (hf-ema)"
+
     half_life: list[str] | None = field(
         default=None,
         metadata={

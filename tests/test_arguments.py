@@ -150,3 +150,14 @@ def test_a_zero_start_needs_no_clock_of_its_unit(tmp_path):
     trainer.train_dataset = Stream()
     trainer.train()
     assert callback.started and callback.num_updates == 4
+
+
+def test_help_groups_the_ema_options(capsys):
+    parser = HfArgumentParser((TrainingArguments, EMAArguments))
+    with pytest.raises(SystemExit):
+        parser.parse_args_into_dataclasses(["--help"])
+    text = capsys.readouterr().out
+    section = text[text.index("EMA arguments (hf-ema):") :]  # the group, after TrainingArguments' options
+    for option in ("--half_life", "--sigma_rel", "--ema_start", "--ema_schedule", "--update_interval"):
+        assert f"\n  {option} " in section, option
+    assert "--learning_rate" not in section
