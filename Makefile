@@ -1,6 +1,6 @@
 # Two commands a fresh machine with only Python needs: `make demo` and `make test`.
 # Both create .venv, install torch==2.13.0 first (the CPU build the dev/CI machines carry), then the rest
-# against the lock in constraints-dev.txt. `.ci/run` also runs test-tf4.
+# against the lock in constraints-dev.txt. `.ci/run` also runs test-tf4 and wheel-smoke.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -26,7 +26,7 @@ TF4_DESELECT := \
 	tests/test_distributed.py::test_deepspeed_zero[zero3-nopersist-ema_trainer] \
 	tests/test_distributed.py::test_deepspeed_zero[zero3-init-ema_trainer]
 
-.PHONY: install install-tf4 demo test test-tf4 lint format bench clean
+.PHONY: install install-tf4 demo test test-tf4 lint format bench wheel-smoke clean
 
 # $(call venv,DIR,LOCK,EXTRAS): a venv in DIR with torch==2.13.0 first, then this tree (editable) against LOCK.
 define venv
@@ -61,6 +61,19 @@ test: lint
 test-tf4: $(TF4_STAMP)
 	$(TF4_PY) -m pytest -q $(foreach test,$(TF4_DESELECT),--deselect '$(test)')
 
+# Builds the sdist and the wheel, checks their metadata, installs the wheel into a fresh venv (torch first) and runs a
+# smoke test from a folder outside the source tree, so that the installed package is what gets imported.
+wheel-smoke: $(STAMP)
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+	$(PY) -m twine check --strict dist/*
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(PYTHON) -m venv "$$tmp/venv" && \
+	"$$tmp/venv/bin/pip" install --quiet --upgrade pip && \
+	"$$tmp/venv/bin/pip" install --quiet torch==2.13.0 && \
+	"$$tmp/venv/bin/pip" install --quiet -c constraints-dev.txt dist/*.whl && \
+	cp .ci/wheel_smoke.py "$$tmp/" && cd "$$tmp" && "$$tmp/venv/bin/python" wheel_smoke.py
+
 format: $(STAMP)
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
@@ -69,4 +82,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_update.py
 
 clean:
-	rm -rf $(VENV) $(TF4_VENV) outputs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TF4_VENV) dist build outputs .pytest_cache .ruff_cache
