@@ -1,6 +1,6 @@
 # Two commands a fresh machine with only Python needs: `make demo` and `make test`.
 # Both create .venv, install torch==2.13.0 first (the CPU build the dev/CI machines carry), then the rest
-# against the lock in constraints-dev.txt. `.ci/run` also runs test-tf4 and wheel-smoke.
+# against the lock in constraints-dev.txt. `.ci/run` also runs test-tf4, wheel-smoke and docs.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -26,7 +26,9 @@ TF4_DESELECT := \
 	tests/test_distributed.py::test_deepspeed_zero[zero3-nopersist-ema_trainer] \
 	tests/test_distributed.py::test_deepspeed_zero[zero3-init-ema_trainer]
 
-.PHONY: install install-tf4 demo test test-tf4 lint format bench wheel-smoke clean
+SITE ?= site
+
+.PHONY: install install-tf4 demo test test-tf4 lint format bench docs wheel-smoke clean
 
 # $(call venv,DIR,LOCK,EXTRAS): a venv in DIR with torch==2.13.0 first, then this tree (editable) against LOCK.
 define venv
@@ -74,6 +76,12 @@ wheel-smoke: $(STAMP)
 	"$$tmp/venv/bin/pip" install --quiet -c constraints-dev.txt dist/*.whl && \
 	cp .ci/wheel_smoke.py "$$tmp/" && cd "$$tmp" && "$$tmp/venv/bin/python" wheel_smoke.py
 
+# The documentation site: every mkdocs warning fails, then headless Chromium (Debian's `chromium`) renders the index
+# and API pages and docs/check_site.py checks what they show; screenshots go to outputs/docs-screenshots.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir $(SITE)
+	$(PY) docs/check_site.py $(SITE) --screenshots outputs/docs-screenshots
+
 format: $(STAMP)
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
@@ -82,4 +90,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_update.py
 
 clean:
-	rm -rf $(VENV) $(TF4_VENV) dist build outputs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TF4_VENV) $(SITE) dist build outputs .pytest_cache .ruff_cache
