@@ -5,7 +5,7 @@ added to the parser, and everything offline: the text is the Python standard lib
 files next to `os.py`, so every Python installation has them), the tokenizer maps the 256 byte values to ids 0-255
 plus three special tokens (built in code with `tokenizers`), and the model is a tiny Llama built from a config.
 
-    python examples/run_clm_ema.py                                   # the defaults below: 2 min 50 s on 2 CPU cores
+    python examples/run_clm_ema.py                                   # the defaults below (timing under the list)
     python examples/run_clm_ema.py --half_life 200ba --update_interval 5ba --max_steps 1000
     python examples/run_clm_ema.py args.json                         # or args.yaml: the same names as the flags
     python examples/run_clm_ema.py --help                            # every option: model, data, Trainer, EMA
@@ -14,6 +14,12 @@ Evaluations score the EMA weights as `eval_loss` and (with `--ema_eval_training_
 training weights as `eval_training_loss`, in the same log line. At the end the EMA weights and the tokenizer are saved
 to `--output_dir` (load them with `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`), with
 `eval_results.json` holding both perplexities. Any default below can be given again on the command line.
+
+With the defaults (600 steps of 8 x 128 bytes, a 0.46M-parameter Llama, half-life 50ba updated every 5ba) one run
+took 9 min 33 s wall clock and 5 min 32 s of CPU time on a 2-core machine that other jobs were loading at the same
+time (load average 5-6), so expect less on idle cores. It ended with eval_loss 2.077 (perplexity 7.98) for the EMA
+against 2.127 (8.39) for the training weights; the EMA trailed slightly at the 200- and 400-step evaluations
+(2.471 vs 2.447, 2.245 vs 2.237) and led at 600.
 """
 
 from __future__ import annotations
@@ -49,13 +55,13 @@ logger = logging.getLogger(__name__)
 DEFAULTS = {
     "output_dir": "outputs/run_clm_ema",
     "max_steps": 600,
-    "per_device_train_batch_size": 16,
+    "per_device_train_batch_size": 8,
     "per_device_eval_batch_size": 64,
     "learning_rate": 3e-3,
     "lr_scheduler_type": "constant_with_warmup",
     "warmup_steps": 30,
     "eval_strategy": "steps",
-    "eval_steps": 150,
+    "eval_steps": 200,
     "logging_steps": 50,
     "save_strategy": "no",
     "report_to": "none",
