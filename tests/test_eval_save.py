@@ -225,6 +225,13 @@ def fake_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(HfApi, "create_repo", lambda api, *a, **k: hub.create_repo(api, *a, **k))
     monkeypatch.setattr(HfApi, "upload_folder", lambda api, *a, **k: hub.upload_folder(api, *a, **k))
     monkeypatch.setattr(HfApi, "whoami", lambda api, *a, **k: {"name": "tester"}, raising=False)
+    import transformers.trainer
+
+    for name in ("create_repo", "upload_folder"):  # transformers 4.x calls huggingface_hub's functions, 5.x HfApi's
+        if hasattr(transformers.trainer, name):
+            monkeypatch.setattr(
+                transformers.trainer, name, lambda *a, _name=name, **k: getattr(hub, _name)(None, *a, **k)
+            )
     return hub
 
 

@@ -150,6 +150,9 @@ def trainer_fsdp2(out: str, resume_from: str | None) -> None:
     with or without EMA, in transformers 5.24 / accelerate 1.15). tests/gpu/run_backends.sh runs both on a GPU.
     """
     force_fsdp_on_cpu()
+    # transformers 4.x does not hand fsdp_config["version"] to accelerate, which reads FSDP_VERSION (accelerate launch
+    # sets it from fsdp_version: 2); without it the Trainer wraps with FSDP1.
+    os.environ["FSDP_VERSION"] = "2"
     from helpers import tiny_llama
 
     from hf_ema import EMAArguments, EMATrainer
@@ -161,7 +164,9 @@ def trainer_fsdp2(out: str, resume_from: str | None) -> None:
         **SCHEDULE,
         learning_rate=0.5,
         fsdp="full_shard",
-        fsdp_config={"version": 2, "state_dict_type": "SHARDED_STATE_DICT"},
+        # sync_module_states (the default) needs an accelerator device in transformers 4.x; both ranks build the
+        # same seeded model, so there is nothing to broadcast.
+        fsdp_config={"version": 2, "state_dict_type": "SHARDED_STATE_DICT", "sync_module_states": False},
     )
     recorder = Recorder()
     trainer = EMATrainer(
@@ -216,6 +221,9 @@ def deepspeed_run(out: str, stage: str, kind: str, resume_from: str | None) -> N
         zero["stage3_param_persistence_threshold"] = 0
     config = {
         "zero_optimization": zero,
+        # Without an fp16 section transformers 4.x casts float inputs to float16 ("auto" fills in args.fp16: off).
+        "fp16": {"enabled": "auto"},
+        "bf16": {"enabled": "auto"},
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
     }
