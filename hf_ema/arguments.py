@@ -194,6 +194,18 @@ class EMAArguments:
             "update. Without it a non-finite average raises when a checkpoint is written or training ends."
         },
     )
+    ema_snapshot_every: str | None = field(
+        default=None,
+        metadata={
+            "help": "Post-hoc EMA (EDM2): write every power-function average (`sigma_rel`) to "
+            "<output_dir>/ema_snapshots/ at this interval ('1000ba', '1ep', '0.05dur') and at the last step, so any "
+            "sigma_rel can be synthesised after training (hf_ema.posthoc). Off by default."
+        },
+    )
+    ema_snapshot_dtype: Literal["float32", "bfloat16"] = field(
+        default="float32",
+        metadata={"help": "Dtype of the snapshots: 'float32', or 'bfloat16' to halve their disk space."},
+    )
 
     def __post_init__(self) -> None:
         # Normalise: one value stays a scalar (as before several averages existed, so settings and checkpoints of a
@@ -265,6 +277,7 @@ class EMAArguments:
         for name in ("ema_eval_training_weights", "ema_save_all_averages", "ema_skip_non_finite"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
+        _check_snapshots(self)
 
     # ---- the averages ----
 
@@ -377,3 +390,21 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         options = ", ".join(repr(c) for c in choices)
         raise ValueError(f"`{name}` must be one of {options}, got {value!r}. Pick one of those.")
+
+
+SNAPSHOT_DTYPES = ("float32", "bfloat16")
+
+
+def _check_snapshots(args: EMAArguments) -> None:
+    """Validates the post-hoc EMA settings (`ema_snapshot_every`, `ema_snapshot_dtype`)."""
+    _check_choice("ema_snapshot_dtype", args.ema_snapshot_dtype, SNAPSHOT_DTYPES)
+    if args.ema_snapshot_every is None:
+        return
+    parse_time(args.ema_snapshot_every, "ema_snapshot_every")
+    if args.sigma_rel is None:
+        kind = "half_life" if args.half_life is not None else "smoothing"
+        raise ValueError(
+            f"`ema_snapshot_every` ({args.ema_snapshot_every!r}) needs power-function averages: post-hoc synthesis "
+            f"combines snapshots of EDM2 power-function averages (`sigma_rel`), and these settings keep `{kind}` "
+            "averages. Set sigma_rel=[0.05, 0.10] (EDM2's choice) instead, or drop ema_snapshot_every."
+        )
