@@ -4,27 +4,12 @@ snapshots, then a sweep of synthesised averages, scored and plotted."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = REPO_ROOT / "examples" / "posthoc_digits.py"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+from helpers import PNG_MAGIC, run_example
 
 
 def test_posthoc_digits_fast(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--fast", "--output-dir", str(tmp_path)],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    result = run_example("posthoc_digits.py", "--fast", "--output-dir", str(tmp_path))
     assert "24 snapshots" in result.stdout and "best: sigma_rel" in result.stdout
     assert "sigma_rel 0.02: skipped (sigma_rel 0.02 at step 240 cannot be synthesised" in result.stdout
     assert (tmp_path / "posthoc_digits.png").read_bytes()[:8] == PNG_MAGIC
