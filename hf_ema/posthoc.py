@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import re
@@ -38,11 +39,14 @@ from .rules import SIGMA_REL_MAX, gamma_of_sigma_rel, sigma_rel_of_gamma, sigma_
 from .snapshots import PostHocError, Snapshot, list_snapshots, snapshot_dir
 from .time import Clock, parse_time
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["PostHocError", "Plan", "Snapshot", "export", "list_snapshots", "main", "plan", "synthesize"]
 
 DEFAULT_TOLERANCE = 0.05
 """Default bound on the relative L2 error of the synthesised weighting of the training steps (see `plan`)."""
 MIN_SNAPSHOT_TIMES = 2
+BF16_AMPLIFICATION_WARNING = 3.0  # coefficients summing above this (in absolute value) amplify bf16 rounding visibly
 EXPORT_INFO = "hf_ema_posthoc.json"
 _CHUNK_ELEMENTS = 2**26  # tensors synthesised together: float64 accumulators of at most 512 MiB
 # Files of a checkpoint that hold training state, not the model: an export never copies them.
@@ -201,7 +205,19 @@ def plan(
             "(--tolerance) to accept a rougher average, or track a sigma_rel closer to it in the next run."
         )
     terms = [(snapshot, label, float(c)) for (snapshot, label), c in zip(columns, coefficients.tolist(), strict=True)]
-    return Plan(step=step, sigma_rel=sigma_rel, gamma=gamma, terms=terms, residual=residual, snapshots=snapshots)
+    solved = Plan(step=step, sigma_rel=sigma_rel, gamma=gamma, terms=terms, residual=residual, snapshots=snapshots)
+    if last.meta.get("dtype") == "bfloat16" and solved.amplification > BF16_AMPLIFICATION_WARNING:
+        logger.warning(
+            "sigma_rel %.4g at step %d combines bfloat16 snapshots with coefficients summing to %.1f in absolute "
+            "value: their rounding (up to 0.4%% of each weight) can grow to about %.1f%% of the weights, more than "
+            "the EMA's lag behind the training weights in many runs. Prefer a sigma_rel nearer the tracked ones, or "
+            "float32 snapshots (ema_snapshot_dtype='float32') in the next run.",
+            sigma_rel,
+            step,
+            solved.amplification,
+            100 * solved.amplification * 2.0**-8,
+        )
+    return solved
 
 
 def _least_squares(snapshots: list[Snapshot]) -> tuple[LeastSquares, list[tuple[Snapshot, str]]]:

@@ -265,7 +265,7 @@ def test_synthesis_errors_against_float64_references(run):
         torch.testing.assert_close(by_half_life[name], by_sigma_rel[name])
 
 
-def test_bfloat16_snapshots_halve_the_disk_and_bound_the_rounding(run, run_bf16):
+def test_bfloat16_snapshots_halve_the_disk_and_bound_the_rounding(run, run_bf16, caplog):
     folder, weights = run
     folder_bf16, weights_bf16 = run_bf16
     for name in weights[STEPS]:
@@ -280,6 +280,11 @@ def test_bfloat16_snapshots_halve_the_disk_and_bound_the_rounding(run, run_bf16)
             bound = plan.amplification * BF16_ULP * exact[name].abs().max().item() + 1e-7
             assert (rounded[name] - exact[name]).abs().max().item() <= bound, name
         assert all(t.dtype == torch.float32 for t in rounded.values())
+    with caplog.at_level(logging.WARNING, logger="hf_ema.posthoc"):
+        posthoc.plan(folder, 0.033, tolerance=0.2)
+        assert not caplog.text  # float32 snapshots: no warning
+        assert posthoc.plan(folder_bf16, 0.033, tolerance=0.2).amplification > 3
+    assert "bfloat16 snapshots with coefficients summing to" in caplog.text and "float32 snapshots" in caplog.text
 
 
 # ---- resume ----
