@@ -53,11 +53,13 @@ TRACKED = [0.05, 0.10]  # EDM2's choice
 SWEEP = [0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.085, 0.10, 0.12, 0.15, 0.20, 0.25]
 
 
-def train(output_dir: Path, seed: int, max_steps: int, snapshot_every: int) -> dict:
-    """Trains once with snapshots; saves the primary average (the model folder exports copy) and the training
-    weights, and returns the accuracy of the averages kept during training."""
+def build_trainer(
+    output_dir: Path, seed: int, max_steps: int, snapshot_every: int, snapshot_dtype: str = "float32", callbacks=()
+) -> EMATrainer:
+    """The training run: SGD with momentum at a large constant learning rate, two power-function averages, a
+    snapshot of both every `snapshot_every` steps."""
     transformers.set_seed(seed)
-    train_set, test_set = digits_splits(seed)
+    train_set, _ = digits_splits(seed)
     args = TrainingArguments(
         output_dir=str(output_dir),
         max_steps=max_steps,
@@ -76,8 +78,19 @@ def train(output_dir: Path, seed: int, max_steps: int, snapshot_every: int) -> d
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    ema_args = EMAArguments(sigma_rel=TRACKED, ema_snapshot_every=f"{snapshot_every}ba")
-    trainer = EMATrainer(model=build_model(), args=args, train_dataset=train_set, ema_args=ema_args)
+    ema_args = EMAArguments(
+        sigma_rel=TRACKED, ema_snapshot_every=f"{snapshot_every}ba", ema_snapshot_dtype=snapshot_dtype
+    )
+    return EMATrainer(
+        model=build_model(), args=args, train_dataset=train_set, ema_args=ema_args, callbacks=list(callbacks)
+    )
+
+
+def train(output_dir: Path, seed: int, max_steps: int, snapshot_every: int) -> dict:
+    """Trains once with snapshots; saves the primary average (the model folder exports copy) and the training
+    weights, and returns the accuracy of the averages kept during training."""
+    trainer = build_trainer(output_dir, seed, max_steps, snapshot_every)
+    _, test_set = digits_splits(seed)
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
