@@ -265,6 +265,19 @@ def test_synthesis_errors_against_float64_references(run):
         torch.testing.assert_close(by_half_life[name], by_sigma_rel[name])
 
 
+def test_late_start_and_sparse_updates(tmp_path):
+    """Averaging from step 16, updated every 2 steps: the profiles use the recorded update steps, t from the start."""
+    _, recorder, _ = train(tmp_path, snapshot_args(ema_start="16ba", update_interval="2ba"))
+    snapshots = posthoc.list_snapshots(tmp_path)
+    assert [s.step for s in snapshots] == list(range(24, 65, 8))  # none before averaging started
+    assert snapshots[-1].meta["updates"] == [[18, 24, 2]] and snapshots[-1].t == 48
+    updates = list(range(18, STEPS + 1, 2))
+    last = recorder.weights[STEPS]
+    for sigma_rel, bound in ((0.1, 1e-4), (0.07, 0.01)):
+        reference = power_reference(recorder.weights, gamma_of_sigma_rel(sigma_rel), STEPS, start=16, updates=updates)
+        assert relative_error(posthoc.synthesize(tmp_path, sigma_rel), reference, last) < bound
+
+
 def test_bfloat16_snapshots_halve_the_disk_and_bound_the_rounding(run, run_bf16, caplog):
     folder, weights = run
     folder_bf16, weights_bf16 = run_bf16
