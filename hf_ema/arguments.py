@@ -55,6 +55,13 @@ class EMAArguments:
             half-lives in several units) or to `"1ba"` with `smoothing` and `sigma_rel`. With `half_life`, a longer
             interval keeps the same time constant; with `sigma_rel`, it samples the same power-function average
             more coarsely.
+        ema_snapshot_every (`str`, *optional*):
+            With `sigma_rel`: write every power-function average to `<output_dir>/ema_snapshots/` at this interval
+            (e.g. `"1000ba"`), outside checkpoint rotation, so that `hf_ema.posthoc` can synthesise the average of
+            any other `sigma_rel` after training (docs/posthoc.md).
+        ema_snapshot_dtype (`str`, *optional*, defaults to `"float32"`):
+            Dtype of the snapshots: `"float32"`, or `"bfloat16"` to halve the disk (it costs 1-3% of the EMA's lag
+            in the synthesis, docs/posthoc.md).
         ema_schedule (`str`, *optional*, defaults to `"hf-ema"`):
             `"hf-ema"`: a zero start sets the averages to the weights at train begin, and updates come every
             `update_interval` counted from the start, in any unit. `"composer"`: MosaicML Composer's update times
@@ -211,6 +218,18 @@ class EMAArguments:
             "update. Without it a non-finite average raises when a checkpoint is written or training ends."
         },
     )
+    ema_snapshot_every: str | None = field(
+        default=None,
+        metadata={
+            "help": "Post-hoc EMA (EDM2): write every power-function average (`sigma_rel`) to "
+            "<output_dir>/ema_snapshots/ at this interval ('1000ba', '1ep', '0.05dur') and at the last step, so any "
+            "sigma_rel can be synthesised after training (hf_ema.posthoc). Off by default."
+        },
+    )
+    ema_snapshot_dtype: Literal["float32", "bfloat16"] = field(
+        default="float32",
+        metadata={"help": "Dtype of the snapshots: 'float32', or 'bfloat16' to halve their disk space."},
+    )
 
     def __post_init__(self) -> None:
         # Normalise: one value stays a scalar (as before several averages existed, so settings and checkpoints of a
@@ -285,6 +304,7 @@ class EMAArguments:
         for name in ("ema_eval_training_weights", "ema_save_all_averages", "ema_skip_non_finite"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
+        _check_snapshots(self)
 
     def _check_composer(self) -> None:
         """What Composer's EMA accepts: an interval in 'ba' or 'ep', a half-life in the interval's unit (or a fixed
@@ -419,3 +439,21 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         options = ", ".join(repr(c) for c in choices)
         raise ValueError(f"`{name}` must be one of {options}, got {value!r}. Pick one of those.")
+
+
+SNAPSHOT_DTYPES = ("float32", "bfloat16")
+
+
+def _check_snapshots(args: EMAArguments) -> None:
+    """Validates the post-hoc EMA settings (`ema_snapshot_every`, `ema_snapshot_dtype`)."""
+    _check_choice("ema_snapshot_dtype", args.ema_snapshot_dtype, SNAPSHOT_DTYPES)
+    if args.ema_snapshot_every is None:
+        return
+    parse_time(args.ema_snapshot_every, "ema_snapshot_every")
+    if args.sigma_rel is None:
+        kind = "half_life" if args.half_life is not None else "smoothing"
+        raise ValueError(
+            f"`ema_snapshot_every` ({args.ema_snapshot_every!r}) needs power-function averages: post-hoc synthesis "
+            f"combines snapshots of EDM2 power-function averages (`sigma_rel`), and these settings keep `{kind}` "
+            "averages. Set sigma_rel=[0.05, 0.10] (EDM2's choice) instead, or drop ema_snapshot_every."
+        )

@@ -276,6 +276,7 @@ class EMACallback(TrainerCallback):
         elif self.schedule.starts_at_zero:
             self._start(args, state)
         self._warn_if_no_update_can_happen(args, state, kwargs.get("train_dataloader"))
+        self._snapshot(args, state, begin=True)
         self._apply("on_train_begin", args, control)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -296,12 +297,14 @@ class EMACallback(TrainerCallback):
             self._advance(args, state, "batch")
         self._apply("on_step_end", args, control)
         self._write_state_before_save(args, state, control)
+        self._snapshot(args, state)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self.placement.place(TRAINING)
         self._advance(args, state, "epoch")  # at most one action per step: a no-op when on_step_end already acted
         self._apply("on_epoch_end", args, control)
         self._write_state_before_save(args, state, control)
+        self._snapshot(args, state)
 
     def on_evaluate(self, args, state, control, **kwargs):
         if self.training and self.started and self.placement.holds is TRAINING and not self.placement.explicit:
@@ -812,6 +815,35 @@ class EMACallback(TrainerCallback):
             self.schedule = self._new_schedule()
             return
         self._load_state(folder, model, expected_step=None)
+
+    def _snapshot(self, args: TrainingArguments, state: TrainerState, begin: bool = False) -> None:
+        """Post-hoc EMA snapshots (`ema_snapshot_every`; `hf_ema.snapshots.SnapshotWriter` does the work).
+
+        At train begin (`begin`, after the EMA state was loaded), sets aside the snapshots newer than the step
+        training starts from; after each optimizer step and epoch, records the update and writes every average when
+        a snapshot is due. Every rank calls it: sharded averages are written shard by shard, a collective.
+        """
+        if self.ema_args.ema_snapshot_every is None:
+            return
+        if begin:
+            from .snapshots import SnapshotWriter
+
+            self._snapshots = SnapshotWriter(self.ema_args.ema_snapshot_every, self.ema_args.ema_snapshot_dtype)
+            clock = self._clock(args, state)
+            self._snapshots.begin(
+                args.output_dir, state.global_step, self.schedule, self.store, clock, main=args.process_index == 0
+            )
+            return
+        self._snapshots.after_step(
+            self.store,
+            self.model,
+            self.schedule,
+            self._clock(args, state),
+            state.global_step,
+            final=state.max_steps > 0 and state.global_step >= state.max_steps,
+            sharded=self._sharded or (self.started and self.store.sharded),
+            main=args.process_index == 0,
+        )
 
 
 def deepspeed_config(args: TrainingArguments) -> dict | None:

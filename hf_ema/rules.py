@@ -141,6 +141,50 @@ def gamma_of_sigma_rel(sigma_rel: float) -> float:
     return 0.5 * (low + high)
 
 
+def half_life_of_sigma_rel(sigma_rel: float, steps: float) -> float:
+    """The half-life, in optimizer steps, of the exponential average as wide as a power-function average of relative
+    width `sigma_rel` after `steps` optimizer steps of averaging.
+
+    Both are matched by the standard deviation of their weights' ages: `sigma_rel * steps` for the power function,
+    `half_life / ln 2` for an exponential average (whose weights halve every half_life). So `half_life = ln 2 *
+    sigma_rel * steps`: sigma_rel 0.05 after 100k steps is a half-life of about 3466 steps. A power-function average
+    grows with training; the matching half-life holds at `steps` only.
+
+    Args:
+        sigma_rel (`float`): the relative width, in (0, 0.2887].
+        steps (`float`): optimizer steps since averaging started (`t` of the power-function rule).
+    """
+    if not 0.0 < sigma_rel <= SIGMA_REL_MAX * (1 + 1e-12):
+        raise ValueError(f"sigma_rel must be in (0, {SIGMA_REL_MAX:.6f}], got {sigma_rel!r}.")
+    if not (math.isfinite(steps) and steps > 0):
+        raise ValueError(f"steps must be a positive number of optimizer steps, got {steps!r}.")
+    return math.log(2.0) * sigma_rel * steps
+
+
+def sigma_rel_of_half_life(half_life: float, steps: float) -> float:
+    """The relative width of the power-function average that matches an exponential average with `half_life`
+    (optimizer steps) after `steps` optimizer steps of averaging: `half_life / (ln 2 * steps)`, the inverse of
+    `half_life_of_sigma_rel`.
+
+    Raises:
+        ValueError: the half-life is not positive, or so long for `steps` that no power-function average is as wide
+            (above `SIGMA_REL_MAX`, the uniform average of every step since the start).
+    """
+    if not (math.isfinite(half_life) and half_life > 0):
+        raise ValueError(f"half_life must be a positive number of optimizer steps, got {half_life!r}.")
+    if not (math.isfinite(steps) and steps > 0):
+        raise ValueError(f"steps must be a positive number of optimizer steps, got {steps!r}.")
+    sigma_rel = half_life / (math.log(2.0) * steps)
+    if sigma_rel > SIGMA_REL_MAX * (1 + 1e-12):
+        raise ValueError(
+            f"A half-life of {half_life:g} steps after {steps:g} steps of averaging is wider than any power-function "
+            f"average (sigma_rel {sigma_rel:.4f} > {SIGMA_REL_MAX:.4f}, the uniform average of every step; its "
+            f"half-life equivalent is {half_life_of_sigma_rel(SIGMA_REL_MAX, steps):.0f} steps). Ask for a shorter "
+            "half-life, or for a later step."
+        )
+    return min(sigma_rel, SIGMA_REL_MAX)
+
+
 def describe(rule: Rule) -> dict:
     """A JSON-able description of a rule, for checkpoints and model cards."""
     if isinstance(rule, Warmup):

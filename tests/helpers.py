@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 from conftest import Recorder, RegressionDataset, TinyConfig, TinyModel, make_args, reference_ema
 from transformers import Trainer
@@ -70,3 +75,22 @@ def fake_zero3(model, **attributes):
         for key, value in attributes.items():
             setattr(param, key, value)
     return model
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_example(name: str, *args: str) -> subprocess.CompletedProcess:
+    """Runs `examples/<name>` offline from the repository root and checks that it succeeded."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "examples" / name), *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result

@@ -3,27 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEMO = REPO_ROOT / "examples" / "ema_digits.py"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+from helpers import PNG_MAGIC, run_example
 
 
 def test_ema_digits_demo_fast(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, str(DEMO), "--fast", "--output-dir", str(tmp_path)],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    result = run_example("ema_digits.py", "--fast", "--output-dir", str(tmp_path))
     assert "test accuracy" in result.stdout and "EMA 100ba" in result.stdout
     assert result.stdout.count("step ") >= 12  # one progress line per evaluation, as training goes
 

@@ -101,6 +101,30 @@ def test_fsdp2_shard_local_average(tmp_path):
     assert_close({n: p.double() for n, p in model.named_parameters()}, ranks[0]["weights"][6], rtol=0, atol=0)
 
 
+def test_fsdp2_posthoc_snapshots(tmp_path):
+    """Post-hoc EMA snapshots of an FSDP2 model: every rank writes its own shards (torch.distributed.checkpoint), and
+    synthesis in this one process reads them, against float64 power-function averages of the recorded weights."""
+    from hf_ema import posthoc
+    from hf_ema.rules import gamma_of_sigma_rel
+
+    torchrun("fsdp2_snapshots", str(tmp_path))
+    weights = torch.load(tmp_path / "fsdp2-snapshots.pt", weights_only=False)["weights"]
+    folder = tmp_path / "float32"
+    assert [s.step for s in posthoc.list_snapshots(folder)] == [3, 6, 9, 12]
+    assert sorted(os.listdir(folder / "ema_snapshots" / "snapshot-12" / "ema_state")) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "hf_ema.json",
+    ]  # fmt: skip
+    assert posthoc.list_snapshots(folder)[-1].meta["fingerprint"]["0.weight"] == [[8, 6], "float32"]
+    for sigma_rel in (0.05, 0.1):
+        gamma = gamma_of_sigma_rel(sigma_rel)
+        reference = {n: sum(((k / 12) ** (gamma + 1) - ((k - 1) / 12) ** (gamma + 1)) * weights[k][n] for k in range(1, 13)) for n in weights[0]}  # fmt: skip
+        for dtype, tolerance in (("float32", 1e-6), ("bfloat16", 2**-8)):
+            synth = posthoc.synthesize(tmp_path / dtype, sigma_rel=sigma_rel)
+            for name, value in reference.items():
+                assert synth[name].shape == value.shape
+                torch.testing.assert_close(synth[name].double(), value, rtol=tolerance, atol=tolerance)
+
+
 def test_fsdp2_through_ema_trainer(tmp_path):
     """FSDP2 via accelerate (distributed type forced on CPU): shard-local averages, checkpoints, exact resume."""
     torchrun("trainer_fsdp2", str(tmp_path))

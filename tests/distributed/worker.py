@@ -2,6 +2,7 @@
 
 python -m torch.distributed.run --nproc_per_node 2 tests/distributed/worker.py ddp OUT KIND [RESUME_FROM]
 python -m torch.distributed.run --nproc_per_node 2 tests/distributed/worker.py fsdp2 OUT
+python -m torch.distributed.run --nproc_per_node 2 tests/distributed/worker.py fsdp2_snapshots OUT
 DS_ACCELERATOR=cpu python -m torch.distributed.run --nproc_per_node 2 tests/distributed/worker.py deepspeed OUT STAGE KIND
 """
 
@@ -279,6 +280,50 @@ def deepspeed_run(out: str, stage: str, kind: str, resume_from: str | None) -> N
     )
 
 
+def fsdp2_snapshots(out: str) -> None:
+    """Post-hoc EMA snapshots of an FSDP2 model: each rank writes its shards (float32 and bfloat16 series)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from hf_ema import EMAArguments, EMACallback
+    from hf_ema.store import EMAStore
+    from hf_ema.time import Clock
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
+    for layer in model:
+        fully_shard(layer)
+    fully_shard(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    args = SimpleNamespace(process_index=rank, should_save=rank == 0, per_device_train_batch_size=4)
+    args.gradient_accumulation_steps, args.world_size = 1, 2
+    state = SimpleNamespace(global_step=0, max_steps=12, epoch=0.0, num_input_tokens_seen=0, train_batch_size=4)
+    callbacks = []
+    for dtype in ("float32", "bfloat16"):  # driven as the Trainer's hooks would, without a Trainer
+        callback = EMACallback(EMAArguments(sigma_rel=[0.05, 0.1], ema_snapshot_every="3ba", ema_snapshot_dtype=dtype))
+        callback.model, callback._sharded = model, True
+        callback.store = EMAStore(model, labels=callback.labels)
+        callback.schedule.start(Clock(), 0)
+        callbacks.append((callback, SimpleNamespace(**vars(args), output_dir=os.path.join(out, dtype))))
+        callback._snapshot(callbacks[-1][1], state, begin=True)
+    weights = {0: {n: p.full_tensor().detach().double().clone() for n, p in model.named_parameters()}}
+    generator = torch.Generator().manual_seed(rank)
+    for step in range(1, state.max_steps + 1):
+        x, y = torch.randn(4, 6, generator=generator), torch.randn(4, 3, generator=generator)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        weights[step] = {n: p.full_tensor().detach().double().clone() for n, p in model.named_parameters()}
+        state.global_step = step
+        for callback, run_args in callbacks:
+            callback.store.update_(model, callback.schedule.step(callback._clock(run_args, state), step))
+            callback._snapshot(run_args, state)
+    if rank == 0:
+        torch.save({"weights": weights}, os.path.join(out, "fsdp2-snapshots.pt"))
+
+
 def shut_down() -> None:
     """Leaves the process group cleanly: an undestroyed gloo group can abort the process at exit ("terminate called
     without an active exception"), failing the launch after the work is done."""
@@ -296,6 +341,8 @@ if __name__ == "__main__":
         ddp(sys.argv[2], sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None)
     elif sys.argv[1] == "trainer_fsdp2":
         trainer_fsdp2(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)
+    elif sys.argv[1] == "fsdp2_snapshots":
+        fsdp2_snapshots(sys.argv[2])
     else:
         fsdp2(sys.argv[2])
     shut_down()
