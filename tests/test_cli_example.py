@@ -53,7 +53,8 @@ def test_run_clm_ema_few_steps(tmp_path):
     saved = {n: t.detach() for n, t in model.state_dict().items()}
     sidecar = load_file(out / "checkpoint-6" / "ema_state.safetensors")
     training = {n.removeprefix("training/"): t for n, t in sidecar.items() if n.startswith("training/")}
-    ema = {n.removeprefix("ema/"): t for n, t in sidecar.items() if n.startswith("ema/")}
+    prefix = "average/200ba/"  # the one average, labelled by its half-life (EMA-state format 2)
+    ema = {n.removeprefix(prefix): t for n, t in sidecar.items() if n.startswith(prefix)}
     assert training and set(training) <= set(saved)
     for name in training:
         torch.testing.assert_close(saved[name], ema[name].to(saved[name].dtype), rtol=0, atol=0)

@@ -11,6 +11,7 @@ def test_ema_digits_demo_fast(tmp_path):
     result = run_example("ema_digits.py", "--fast", "--output-dir", str(tmp_path))
     assert "test accuracy" in result.stdout and "EMA 100ba" in result.stdout
     assert result.stdout.count("step ") >= 12  # one progress line per evaluation, as training goes
+    assert "Setting accelerator to CPU" not in result.stdout + result.stderr  # no third-party noise
 
     png = tmp_path / "ema_vs_training.png"
     assert png.is_file()

@@ -56,17 +56,30 @@ def test_checkpoint_folder_name_and_skipped_steps():
 def test_deepspeed_config_is_read_by_name(tmp_path):
     """callback.deepspeed_config reads TrainingArguments.hf_deepspeed_config; check it on a real TrainingArguments."""
     __import__("pytest").importorskip("deepspeed")
+    import gc
+    import os
+
     from transformers import TrainingArguments
+    from transformers.integrations import deepspeed as hf_deepspeed
 
     from hf_ema.callback import deepspeed_config
 
-    zero = {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False}
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, deepspeed={"zero_optimization": zero})
-    assert type(args.hf_deepspeed_config).__name__ == "HfTrainerDeepSpeedConfig"
-    assert deepspeed_config(args)["zero_optimization"]["stage"] == 3
-    del args.hf_deepspeed_config  # as if transformers renamed it: a loud error, not a skipped check
-    with __import__("pytest").raises(RuntimeError, match="hf_deepspeed_config"):
-        deepspeed_config(args)
+    environment = dict(os.environ)  # TrainingArguments(deepspeed=...) sets ACCELERATE_USE_DEEPSPEED on 4.x
+    try:
+        zero = {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False}
+        args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, deepspeed={"zero_optimization": zero})
+        assert type(args.hf_deepspeed_config).__name__ == "HfTrainerDeepSpeedConfig"
+        assert deepspeed_config(args)["zero_optimization"]["stage"] == 3
+        del args.hf_deepspeed_config  # as if transformers renamed it: a loud error, not a skipped check
+        with __import__("pytest").raises(RuntimeError, match="hf_deepspeed_config"):
+            deepspeed_config(args)
+    finally:  # leave no DeepSpeed mode behind for the tests that follow (a global weak reference, the environment)
+        args = None
+        gc.collect()
+        if hasattr(hf_deepspeed, "unset_hf_deepspeed_config"):
+            hf_deepspeed.unset_hf_deepspeed_config()
+        os.environ.clear()
+        os.environ.update(environment)
 
 
 def test_deepspeed_internals():
