@@ -34,9 +34,8 @@ class EMAArguments:
     files, `save_model` and `push_to_hub` use. All averages share `update_interval` and `ema_start`.
 
     Args:
-        half_life (`str` or `list[str]`, *optional*, defaults to `"1000ba"` when neither `smoothing` nor `sigma_rel`
-            is given):
-            Half-life of the average, e.g. `"1000ba"`, `"2ep"`, `"0.05dur"`; a list keeps one average per value.
+        half_life (`str` or `list[str]`, *optional*, defaults to `"1000ba"`):
+            Used when neither `smoothing` nor `sigma_rel` is given. Half-life of the average, e.g. `"1000ba"`, `"2ep"`, `"0.05dur"`; a list keeps one average per value.
         smoothing (`float` or `list[float]`, *optional*):
             Fixed smoothing per update in (0, 1), instead of `half_life`. Not rescaled when `update_interval` changes.
         sigma_rel (`float` or `list[float]`, *optional*):
