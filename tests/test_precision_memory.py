@@ -134,24 +134,33 @@ def test_host_average_matches_on_device_average(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_asynchronous_store_is_bit_identical(dtype):
-    """The overlapped path (staging buffers, background thread) computes exactly what the direct path does."""
+@pytest.mark.parametrize("labels", [("ema",), ("fast", "slow")], ids=["one", "two_averages"])
+def test_asynchronous_store_is_bit_identical(dtype, labels):
+    """The overlapped path (staging buffers, background thread) computes exactly what the direct path does, for one
+    average and for several (each with its own smoothing, placed in turn)."""
     model = TinyModel(TinyConfig(with_norm=True)).to(dtype)
-    direct, overlapped = EMAStore(model), EMAStore(model, asynchronous=True)
+    direct, overlapped = EMAStore(model, labels=labels), EMAStore(model, asynchronous=True, labels=labels)
+    smoothings = dict(zip(labels, (0.9, 0.6), strict=False))
     generator = torch.Generator().manual_seed(0)
     for step in range(5):
         with torch.no_grad():
             for _, tensor, kind in tracked_tensors(model):
                 if kind == "average":
                     tensor.add_(torch.randn(tensor.shape, generator=generator).to(dtype))
-        direct.update_(model, 0.9)
-        overlapped.update_(model, 0.9)  # returns at once; the next read waits for it
+        direct.update_(model, smoothings)
+        overlapped.update_(model, smoothings)  # returns at once; the next read waits for it
         if step == 2:
-            overlapped.swap_in(model)
-            assert torch.equal(model.linear.weight, direct.shadow["linear.weight"].to(dtype))
+            training = model.linear.weight.detach().clone()
+            for label in labels:
+                overlapped.swap_in(model, label)
+                assert torch.equal(model.linear.weight, direct.averages[label]["linear.weight"].to(dtype))
             overlapped.swap_out(model)
-    for name, value in direct.ema_tensors(model).items():
-        assert torch.equal(overlapped.ema_tensors(model)[name], value), name
+            assert torch.equal(model.linear.weight, training)
+    for label in labels:
+        for name, value in direct.ema_tensors(model, label).items():
+            assert torch.equal(overlapped.ema_tensors(model, label)[name], value), (label, name)
+    if len(labels) == 2:  # the two averages did move differently
+        assert not torch.equal(direct.averages["fast"]["linear.weight"], direct.averages["slow"]["linear.weight"])
     overlapped.close()
 
 
