@@ -5,6 +5,8 @@ Imports only torch. The caller passes what changed (the smoothing of this update
 
 from __future__ import annotations
 
+import operator
+import weakref
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 
@@ -12,10 +14,12 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "UpdatePlan",
     "compute_ema",
     "ema_update_",
     "exchange_",
     "first_non_finite",
+    "registrations",
     "tracked_tensors",
 ]
 
@@ -30,47 +34,151 @@ def _groups(*lists: Sequence[Tensor]) -> dict[tuple, list[list[Tensor]]]:
     return groups
 
 
-SCRATCH_NUMEL = 2**22
-"""Elements of the scratch buffer that upcasts 16-bit tensors for a wider average on CPU (16 MiB in float32): small
-enough to stay in cache between the upcast and the lerp."""
+SCRATCH_NUMEL = 2**20
+"""Elements a batch of 16-bit tensors is upcast into before being lerped into wider averages on CPU (4 MiB in
+float32): small enough to stay in cache between the upcast and the lerps (docs/benchmarks.md)."""
+
+BLOCK_NUMEL = 2**18
+"""Elements per batch when several averages are updated from the same weights: each batch of weights is read from
+memory once, and from cache by the other averages (docs/benchmarks.md)."""
 
 
-@torch.no_grad()
-def _lerp_upcast_(shadow: Sequence[Tensor], current: Sequence[Tensor], weight: float) -> None:
-    """`shadow.lerp_(current, weight)` for a wider shadow dtype, upcasting `current` through a small scratch buffer.
+class UpdatePlan:
+    """One EMA step of one or several averages of the same tensors, as `torch._foreach_*` calls worked out once.
 
-    Slices of the tensors are batched until the scratch is full; each batch is one fused upcast and one fused lerp.
+    `run` is then a fixed sequence of fused kernels with no per-tensor Python work: the tensor lists, their grouping by
+    device and dtypes, the batching and the scratch views are built here. The plan holds the tensors themselves (not
+    views of them), so it reads whatever they hold when it runs, including data replaced through `.data`; it must be
+    rebuilt if a tensor changes shape, dtype or device (a kernel then fails with a shape or dtype error).
+
+    Per group of tensors sharing device and dtypes:
+
+    - same dtype: one `_foreach_lerp_` per average; with several averages, in batches of `BLOCK_NUMEL` elements so
+      each batch of weights is read from memory once and from cache by the other averages;
+    - 16-bit weights with wider averages on CPU: each batch of `SCRATCH_NUMEL` elements is upcast into a scratch
+      buffer once, then lerped into every average;
+    - the same on CUDA: a fused mul and a mixed-dtype add per average (measured faster there than staging).
+
+    Tensors larger than a batch are cut into slices, made when the plan runs (a few large tensors, so a few views).
+
+    Args:
+        averages (`Sequence[Sequence[Tensor]]`): one list per average, each parallel to `sources`; updated in place.
+        sources (`Sequence[Tensor]`): the live tensors.
     """
-    scratch = torch.empty(SCRATCH_NUMEL, dtype=shadow[0].dtype, device=shadow[0].device)
-    targets: list[Tensor] = []
-    sources: list[Tensor] = []
-    staged: list[Tensor] = []  # slices of the scratch, one per source
-    used = 0
 
-    def flush() -> None:
-        nonlocal used
-        if targets:
-            torch._foreach_copy_(staged, sources)
-            torch._foreach_lerp_(targets, staged, weight)
-        for batch in (targets, sources, staged):
-            batch.clear()
-        used = 0
+    def __init__(self, averages: Sequence[Sequence[Tensor]], sources: Sequence[Tensor]) -> None:
+        for average in averages:
+            if len(average) != len(sources):
+                raise ValueError(f"UpdatePlan got {len(average)} average tensors but {len(sources)} live tensors.")
+        self.count = len(averages)
+        self._batches: list[_Batch] = []
+        self._scratch: dict[tuple, Tensor] = {}
+        for (device, source_dtype, *average_dtypes), (group, *group_averages) in _groups(sources, *averages).items():
+            if len(set(average_dtypes)) > 1:
+                raise ValueError("UpdatePlan needs the averages of a tensor to share one dtype.")
+            if source_dtype == average_dtypes[0]:
+                kind, limit = "lerp", (BLOCK_NUMEL if self.count > 1 else None)
+            elif device.type == "cuda":
+                kind, limit = "mul_add", None
+            else:
+                kind, limit = "upcast", SCRATCH_NUMEL
+            self._plan_group(kind, limit, group, group_averages)
 
-    for ema, live in zip(shadow, current, strict=True):
-        if not (ema.is_contiguous() and live.is_contiguous()):
-            flush()
-            ema.lerp_(live.to(ema.dtype), weight)  # rare (strided tensors): a temporary of this tensor only
-            continue
-        ema_flat, live_flat = ema.view(-1), live.view(-1)
-        for start in range(0, ema_flat.numel(), SCRATCH_NUMEL):
-            size = min(SCRATCH_NUMEL, ema_flat.numel() - start)
-            if used + size > SCRATCH_NUMEL:
-                flush()
-            targets.append(ema_flat[start : start + size])
-            sources.append(live_flat[start : start + size])
-            staged.append(scratch[used : used + size])
-            used += size
-    flush()
+    def _plan_group(self, kind: str, limit: int | None, sources: list[Tensor], averages: list[list[Tensor]]) -> None:
+        scratch = None
+        if kind == "upcast":
+            total = min(sum(t.numel() for t in sources), SCRATCH_NUMEL)
+            key = (averages[0][0].device, averages[0][0].dtype)
+            scratch = self._scratch.get(key)
+            if scratch is None or scratch.numel() < total:
+                scratch = self._scratch[key] = torch.empty(total, dtype=key[1], device=key[0])
+        batch, used = _Batch(kind, self.count), 0
+        for index, source in enumerate(sources):
+            pair = [average[index] for average in averages]
+            numel = source.numel()
+            if limit is None or numel <= limit - used:
+                batch.add_whole(source, pair, scratch, used)
+                used += numel
+                continue
+            if numel <= limit:  # fits in a fresh batch
+                self._batches.append(batch)
+                batch, used = _Batch(kind, self.count), 0
+                batch.add_whole(source, pair, scratch, 0)
+                used = numel
+                continue
+            if not (source.is_contiguous() and all(a.is_contiguous() for a in pair)):
+                batch.strided.append((source, pair))  # rare: updated alone, a temporary of this tensor only
+                continue
+            for start in range(0, numel, limit):
+                stop = min(start + limit, numel)
+                if stop - start > limit - used:
+                    self._batches.append(batch)
+                    batch, used = _Batch(kind, self.count), 0
+                batch.add_slice(source, pair, start, stop, scratch, used)
+                used += stop - start
+        self._batches.append(batch)
+
+    @torch.no_grad()
+    def run(self, smoothings: Sequence[float]) -> None:
+        """Moves each average towards the live tensors: `average = s * average + (1 - s) * live`, with each average's
+        `s` from `smoothings` (in the order the averages were given)."""
+        if len(smoothings) != self.count:
+            raise ValueError(f"UpdatePlan has {self.count} averages but got {len(smoothings)} smoothings.")
+        for smoothing in smoothings:
+            if not 0.0 <= smoothing <= 1.0:
+                raise ValueError(f"`smoothing` must be in [0, 1], got {smoothing}.")
+        weights = [1.0 - s for s in smoothings]
+        for batch in self._batches:
+            batch.run(smoothings, weights)
+
+
+class _Batch:
+    """Tensors updated together by one fused kernel per average (see `UpdatePlan`)."""
+
+    def __init__(self, kind: str, count: int) -> None:
+        self.kind = kind
+        self.sources: list[Tensor] = []
+        self.averages: list[list[Tensor]] = [[] for _ in range(count)]
+        self.staged: list[Tensor] = []  # views of the scratch buffer, one per whole source ("upcast")
+        self.cut_staged: list[Tensor] = []  # and one per slice
+        self.cuts: list[tuple[Tensor, list[Tensor], int, int]] = []  # slices of large tensors, made at run time
+        self.strided: list[tuple[Tensor, list[Tensor]]] = []
+
+    def add_whole(self, source: Tensor, pair: list[Tensor], scratch: Tensor | None, offset: int) -> None:
+        self.sources.append(source)
+        for slot, average in zip(self.averages, pair, strict=True):
+            slot.append(average)
+        if scratch is not None:
+            self.staged.append(scratch[offset : offset + source.numel()].view(source.shape))
+
+    def add_slice(
+        self, source: Tensor, pair: list[Tensor], start: int, stop: int, scratch: Tensor | None, offset: int
+    ) -> None:
+        self.cuts.append((source, pair, start, stop))
+        if scratch is not None:
+            self.cut_staged.append(scratch[offset : offset + stop - start])
+
+    def run(self, smoothings: list[float], weights: list[float]) -> None:
+        sources, averages, staged = self.sources, self.averages, self.staged
+        if self.cuts:
+            staged = staged + self.cut_staged
+            sources = sources + [s.view(-1)[a:b] for s, _, a, b in self.cuts]
+            averages = [
+                slot + [pair[i].view(-1)[a:b] for _, pair, a, b in self.cuts] for i, slot in enumerate(averages)
+            ]
+        if sources:
+            if self.kind == "upcast":
+                torch._foreach_copy_(staged, sources)
+                sources = staged
+            for slot, smoothing, weight in zip(averages, smoothings, weights, strict=True):
+                if self.kind == "mul_add":
+                    torch._foreach_mul_(slot, smoothing)
+                    torch._foreach_add_(slot, sources, alpha=weight)
+                else:
+                    torch._foreach_lerp_(slot, sources, weight)
+        for source, pair in self.strided:
+            for average, weight in zip(pair, weights, strict=True):
+                average.lerp_(source.to(average.dtype), weight)
 
 
 @torch.no_grad()
@@ -80,8 +188,9 @@ def ema_update_(shadow: Sequence[Tensor], current: Sequence[Tensor], smoothing: 
     Tensors are grouped by device and dtype and updated with fused multi-tensor kernels (`torch._foreach_*`); no
     temporary the size of the model is made. The update is a lerp where dtypes match (a tensor that does not move stays
     bit-exact). A float32 shadow of a 16-bit tensor is updated with a fused mul and a mixed-dtype add on CUDA, and on
-    other devices lerped towards the tensor upcast slice by slice through a 16 MiB scratch buffer (`SCRATCH_NUMEL`):
-    whichever measured faster there.
+    other devices lerped towards the tensor upcast batch by batch through a 4 MiB scratch buffer (`SCRATCH_NUMEL`):
+    whichever measured faster there. A one-off call; updates repeated over the same tensors build an `UpdatePlan`
+    once instead.
 
     Args:
         shadow (`Sequence[Tensor]`): the averages, updated in place.
@@ -92,17 +201,7 @@ def ema_update_(shadow: Sequence[Tensor], current: Sequence[Tensor], smoothing: 
         raise ValueError(f"ema_update_ got {len(shadow)} shadow tensors but {len(current)} current tensors.")
     if not 0.0 <= smoothing <= 1.0:
         raise ValueError(f"`smoothing` must be in [0, 1], got {smoothing}.")
-    weight = 1.0 - smoothing
-    for (_device, shadow_dtype, current_dtype), (ema, live) in _groups(shadow, current).items():
-        if shadow_dtype == current_dtype:
-            torch._foreach_lerp_(ema, live, weight)
-        elif _device.type == "cuda":
-            # Measured on an H100 (docs/benchmarks.md): a fused mul then a mixed-dtype add beats the scratch upcast,
-            # whose many small kernels cost more than the L2 traffic they save.
-            torch._foreach_mul_(ema, smoothing)
-            torch._foreach_add_(ema, live, alpha=weight)
-        else:
-            _lerp_upcast_(ema, live, weight)  # 2x faster than mul + add on CPU (docs/benchmarks.md)
+    UpdatePlan([shadow], current).run([smoothing])
 
 
 @torch.no_grad()
@@ -165,6 +264,11 @@ def compute_ema(model: nn.Module, ema_model: nn.Module, smoothing: float = 0.99)
     device and dtype; integer buffers are copied; frozen parameters are left alone. `ema_model` may hold a different
     floating-point dtype (a float32 copy of a bf16 model keeps small updates that a bf16 copy rounds away).
 
+    The pairing is worked out on the first call for a (model, ema_model) pair and kept while both live, so later calls
+    are the fused kernels plus a check of each parameter's `requires_grad`. It is worked out again when either model
+    gains, loses or replaces a parameter, buffer or submodule, when a parameter is frozen or unfrozen, and when a
+    tensor changes shape, dtype or device.
+
     Args:
         model (`nn.Module`): the model being trained.
         ema_model (`nn.Module`): the average, typically `copy.deepcopy(model)` made before training.
@@ -184,24 +288,105 @@ def compute_ema(model: nn.Module, ema_model: nn.Module, smoothing: float = 0.99)
     """
     if not isinstance(smoothing, (int, float)) or not 0.0 <= smoothing <= 1.0:
         raise ValueError(f"`smoothing` must be a number in [0, 1], got {smoothing!r}. Use e.g. smoothing=0.999.")
-    targets = dict(ema_model.named_parameters())
-    targets.update(ema_model.named_buffers())
-    shadow, current = [], []
-    for name, tensor, kind in tracked_tensors(model):
-        if name not in targets:
-            raise KeyError(
-                f"compute_ema: `ema_model` has no tensor named {name!r}, which `model` has. Build `ema_model` with "
-                "copy.deepcopy(model) so both have the same names."
-            )
-        target = targets[name]
-        if target.shape != tensor.shape:
-            raise ValueError(
-                f"compute_ema: {name!r} has shape {tuple(tensor.shape)} in `model` but {tuple(target.shape)} in "
-                "`ema_model`. Rebuild `ema_model` from the current model."
-            )
-        if kind == "copy":
-            target.copy_(tensor)
-        else:
-            shadow.append(target)
-            current.append(tensor)
-    ema_update_(shadow, current, float(smoothing))
+    pairings = _PAIRINGS.setdefault(model, {})
+    pairing = pairings.get(id(ema_model))
+    if pairing is None or not pairing.valid(ema_model):
+        for key in [k for k, p in pairings.items() if p.ema_model() is None]:
+            del pairings[key]  # pairings with collected ema_models
+        pairing = pairings[id(ema_model)] = _Pairing(model, ema_model)
+    try:
+        pairing.run(float(smoothing))
+    except RuntimeError:
+        # A tensor changed shape, dtype or device without being registered again (through `.data`): pair afresh,
+        # which raises the mismatch if the two models no longer agree, then update.
+        pairing = pairings[id(ema_model)] = _Pairing(model, ema_model)
+        pairing.run(float(smoothing))
+
+
+_PAIRINGS: weakref.WeakKeyDictionary[nn.Module, dict[int, _Pairing]] = weakref.WeakKeyDictionary()
+"""`compute_ema`'s pairings, per model and ema_model, kept while both live."""
+
+
+class _Pairing:
+    """What `compute_ema(model, ema_model)` updates, paired by name once: an `UpdatePlan` and the buffers it copies.
+
+    It holds while no module registered a tensor (`registrations`) and the trainable flags of `model`'s parameters
+    are as they were; both are checked on every call, in constant work per parameter.
+    """
+
+    def __init__(self, model: nn.Module, ema_model: nn.Module) -> None:
+        targets = dict(ema_model.named_parameters())
+        targets.update(ema_model.named_buffers())
+        shadow, current, self.copy_to, self.copy_from = [], [], [], []
+        self.seen = registrations()
+        for name, tensor, kind in tracked_tensors(model):
+            if name not in targets:
+                raise KeyError(
+                    f"compute_ema: `ema_model` has no tensor named {name!r}, which `model` has. Build `ema_model` with "
+                    "copy.deepcopy(model) so both have the same names."
+                )
+            target = targets[name]
+            if target.shape != tensor.shape:
+                raise ValueError(
+                    f"compute_ema: {name!r} has shape {tuple(tensor.shape)} in `model` but {tuple(target.shape)} in "
+                    "`ema_model`. Rebuild `ema_model` from the current model."
+                )
+            if kind == "copy":
+                self.copy_to.append(target)
+                self.copy_from.append(tensor)
+            else:
+                shadow.append(target)
+                current.append(tensor)
+        self.plan = UpdatePlan([shadow], current)
+        self.parameters = list(model.parameters())
+        self.flags = _trainable_flags(self.parameters)
+        self.ema_model = weakref.ref(ema_model)
+
+    def valid(self, ema_model: nn.Module) -> bool:
+        return (
+            self.ema_model() is ema_model
+            and self.seen == registrations()
+            and _trainable_flags(self.parameters) == self.flags
+        )
+
+    def run(self, smoothing: float) -> None:
+        if self.copy_to:
+            torch._foreach_copy_(self.copy_to, self.copy_from)
+        self.plan.run([smoothing])
+
+
+def _trainable_flags(parameters: list[Tensor]) -> list[bool]:
+    return list(map(_requires_grad, parameters))
+
+
+_requires_grad = operator.attrgetter("requires_grad")
+_registrations = 0
+_counting = False
+
+
+def registrations() -> int:
+    """How many parameters, buffers and submodules were registered on any module since hf-ema first asked.
+
+    Fed by torch's global registration hooks: while it stays the same, no module of this process had a tensor or
+    submodule added or replaced through attribute assignment or `register_*`, so lists of a model's tensors built
+    before are still the model's. Re-registering a non-persistent buffer (rotary caches do, every forward) is not
+    counted: no EMA tracks those.
+    """
+    global _counting
+    if not _counting:
+        module_hooks = nn.modules.module
+        module_hooks.register_module_parameter_registration_hook(_count)
+        module_hooks.register_module_module_registration_hook(_count)
+        module_hooks.register_module_buffer_registration_hook(_count_buffer)
+        _counting = True
+    return _registrations
+
+
+def _count(module: nn.Module, name: str, value: object) -> None:
+    global _registrations
+    _registrations += 1
+
+
+def _count_buffer(module: nn.Module, name: str, value: object) -> None:
+    if name not in module._non_persistent_buffers_set:
+        _count(module, name, value)

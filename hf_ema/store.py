@@ -7,17 +7,24 @@ averages are `hf_ema.offload`'s.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .core import ema_update_, exchange_, first_non_finite, tracked_tensors
+from .core import UpdatePlan, exchange_, first_non_finite, registrations, tracked_tensors
 from .distributed import fsdp_modules, refresh_, reshard_
-from .layout import ZERO3, layout_of
+from .layout import REPLICATED, ZERO3, layout_of
 from .offload import HostOffload, empty_like
 
 SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+
+CHECK_EVERY = 16
+"""Updates between two checks of the live tensors' shapes, dtypes and devices against the update plan's.
+Registrations and trainable flags are checked at every update, the tensors' names at every placement."""
+
+_requires_grad = operator.attrgetter("requires_grad")
 
 
 def shadow_dtype(dtype: torch.dtype, policy: str) -> torch.dtype:
@@ -97,6 +104,7 @@ class EMAStore:
             self.offload = None
         self.holds: str | None = None  # the label of the average in the model, None for the training weights
         self._stash: dict[str, Tensor] = {}
+        self._bind(module)
 
     # ---- bookkeeping ----
 
@@ -135,9 +143,11 @@ class EMAStore:
         reshard_(self._source_fsdp if id(module) == self._source_id else fsdp_modules(module))
         return {n: t for n, t, kind in tracked_tensors(module, buffers=self.buffers) if kind == "average"}
 
-    def _live(self, module: nn.Module, check: bool = True) -> dict[str, Tensor]:
+    def _live(
+        self, module: nn.Module, check: bool = True, tracked: Mapping[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
         """The averaged tensors as this rank holds them: local shards of sharded parameters."""
-        tracked = self._tracked(module)
+        tracked = self._tracked(module) if tracked is None else tracked
         layouts = self.layouts if check else {n: layout_of(t) for n, t in tracked.items()}
         if check and tracked.keys() != layouts.keys():
             raise RuntimeError(_mismatch_message(self.shadow, tracked))
@@ -174,22 +184,75 @@ class EMAStore:
 
     @torch.no_grad()
     def update_(self, module: nn.Module, smoothings: Mapping[str, float] | float) -> None:
-        """One step of every average towards the module's current (training) weights, each with its smoothing."""
+        """One step of every average towards the module's current (training) weights, each with its smoothing.
+
+        The update plan (`hf_ema.core.UpdatePlan`) is built once; an update runs its fused kernels (one read of the
+        weights for every average) after constant-time checks that the model's tensors are still the ones it holds:
+        the registration count and the trainable flags at every update, shapes, dtypes and devices every
+        `CHECK_EVERY` updates, the names at every placement. A change the model's averages cannot follow (a tensor added, removed,
+        frozen, unfrozen or reshaped) raises; one they can (a replaced tensor, a cast) rebuilds the plan.
+        """
         self._require_training_in_model("update the averages")
         if not isinstance(smoothings, Mapping):
             smoothings = dict.fromkeys(self.labels, float(smoothings))
-        live = self._live(module)
-        current = [live[n] for n in self._names]
-        lists = [(self._lists[label], smoothings[label]) for label in self.labels]
-
-        def work(current: list[Tensor]) -> None:
-            for averages, smoothing in lists:
-                ema_update_(averages, current, smoothing)
-
+        values = [smoothings[label] for label in self.labels]
+        current = self._current(module)
         if self.offload is not None:
-            self.offload.run(current, work)
-        else:
-            work(current)
+            self.offload.run(current, lambda staged: self._plan.run(values))
+            return
+        try:
+            self._plan.run(values)
+        except RuntimeError as error:
+            self._bind(module)  # raises the mismatch if tensors were added, removed, frozen or reshaped
+            raise RuntimeError(
+                "An EMA update failed: the model's tensors changed dtype or device since the last update (through "
+                "`.data`, `.to()` or `.half()` during training), and part of this update may have been applied. The "
+                "next update uses the new tensors. Cast or move the model before training starts."
+            ) from error
+
+    def _current(self, module: nn.Module) -> list[Tensor]:
+        """The live tensors the plan reads, rebuilding it first if the model's tensors changed."""
+        if self._source_fsdp and id(module) == self._source_id:
+            reshard_(self._source_fsdp)
+        self._since_check += 1
+        if (
+            id(module) != self._source_id
+            or self._seen != registrations()
+            or not all(map(_requires_grad, self._trainable))
+            or any(map(_requires_grad, self._frozen))
+            or (self._since_check >= CHECK_EVERY and self._signature() != self._signed)
+        ):
+            self._bind(module)
+        elif self._since_check >= CHECK_EVERY:
+            self._since_check = 0
+        if self._replicated:
+            return self._sources
+        sources = [self.layouts[n].local(t) for n, t in zip(self._names, self._bound, strict=True)]
+        if any(a is not b for a, b in zip(sources, self._sources, strict=True)):
+            self._bind(module)
+            return self._sources
+        return sources
+
+    def _bind(self, module: nn.Module) -> None:
+        """Builds the update plan over `module`'s tensors, checking they are the ones the averages were made of."""
+        tracked = self._tracked(module)
+        live = self._live(module, tracked=tracked)
+        self._source_id, self._source_fsdp = id(module), fsdp_modules(module)
+        self._seen = registrations()
+        self._bound = [tracked[n] for n in self._names]
+        self._sources = [live[n] for n in self._names]
+        self._replicated = all(self.layouts[n] is REPLICATED for n in self._names)
+        parameters = list(module.parameters())
+        self._trainable = [p for p in parameters if p.requires_grad]
+        self._frozen = [p for p in parameters if not p.requires_grad]
+        self._signed = self._signature()
+        self._since_check = 0
+        sources = self.offload.staging if self.offload is not None else self._sources
+        self._plan = UpdatePlan([self._lists[label] for label in self.labels], sources)
+
+    def _signature(self) -> list[tuple]:
+        """The live tensors' metadata, which the plan depends on."""
+        return [(t.shape, t.dtype, t.device) for t in self._sources]
 
     @torch.no_grad()
     def reset_(self, module: nn.Module) -> None:
@@ -212,6 +275,7 @@ class EMAStore:
             return
         self.wait()
         live = self._live(module)
+        self._since_check = CHECK_EVERY  # the next update checks the tensors' metadata (an evaluation may cast them)
         same, other = self._split(live)
         if self.holds is not None:  # put the training weights back
             averages = self.averages[self.holds]
