@@ -4,7 +4,8 @@ Tensors shaped like a decoder LLM's (embeddings, attention and MLP matrices, nor
 
 - floor: one `lerp_` over a single flat tensor of the same size (reads w and ema, writes ema: the least any
   implementation can move);
-- hf-ema: `hf_ema.core.ema_update_` (fused `torch._foreach_*` kernels grouped by device and dtype);
+- hf-ema: `hf_ema.core.UpdatePlan.run`, the update the store runs (fused `torch._foreach_*` kernels grouped by
+  device and dtype, built once);
 - per-tensor loop: `ema.mul_(s).add_(w, alpha=1 - s)` tensor by tensor (the style of Composer's `compute_ema`, timm's
   ModelEmaV2 and diffusers' EMAModel without foreach);
 - torch AveragedModel: `torch.optim.swa_utils.get_ema_multi_avg_fn` (foreach lerp, same dtype only).
@@ -32,7 +33,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
 
 from report import publish  # noqa: E402
 
-from hf_ema.core import _lerp_upcast_, ema_update_  # noqa: E402
+import hf_ema.core as core  # noqa: E402
+from hf_ema.core import UpdatePlan  # noqa: E402
 
 
 def model_like(params: float, dtype: torch.dtype, device: str) -> list[torch.Tensor]:
@@ -89,8 +91,10 @@ def run(params: float, param_dtype: torch.dtype, shadow_dtype: torch.dtype, devi
     def floor():
         flat_shadow.lerp_(flat_live, 1 - s)
 
+    plan = UpdatePlan([shadow], live)
+
     def ours():
-        ema_update_(shadow, live, s)
+        plan.run([s])
 
     def loop():
         with torch.no_grad():
@@ -101,15 +105,17 @@ def run(params: float, param_dtype: torch.dtype, shadow_dtype: torch.dtype, devi
         torch._foreach_mul_(shadow, s)
         torch._foreach_add_(shadow, live, alpha=1 - s)
 
-    rows = [("floor (one flat lerp)", floor), ("hf-ema ema_update_", ours), ("per-tensor mul_/add_ loop", loop)]
-    if param_dtype != shadow_dtype:  # the two ways hf-ema can do it; ema_update_ picks one per device type
+    rows = [("floor (one flat lerp)", floor), ("hf-ema UpdatePlan", ours), ("per-tensor mul_/add_ loop", loop)]
+    if param_dtype != shadow_dtype:  # the ways hf-ema can do it; the plan picks one per device type
         rows.append(("  candidate: foreach mul_ + mixed-dtype add_ (hf-ema's choice on CUDA)", foreach_mul_add))
-        rows.append(
-            (
-                "  candidate: scratch upcast + foreach lerp (hf-ema's choice on CPU)",
-                lambda: _lerp_upcast_(shadow, live, 1 - s),
-            )
-        )
+        default = core.SCRATCH_NUMEL
+        for numel in (2**18, 2**20, 2**22):
+            core.SCRATCH_NUMEL = numel  # read when a plan is built
+            staged = UpdatePlan([shadow], live, mixed="upcast")
+            chosen = " (hf-ema's choice on CPU)" if numel == default else ""
+            name = f"  candidate: upcast through {numel * 4 >> 20} MiB of scratch + foreach lerp{chosen}"
+            rows.append((name, lambda staged=staged: staged.run([s])))
+        core.SCRATCH_NUMEL = default
     if param_dtype == shadow_dtype:
         from torch.optim.swa_utils import get_ema_multi_avg_fn
 

@@ -64,9 +64,13 @@ class UpdatePlan:
     Args:
         averages (`Sequence[Sequence[Tensor]]`): one list per average, each parallel to `sources`; updated in place.
         sources (`Sequence[Tensor]`): the live tensors.
+        mixed (`str`, *optional*): `"upcast"` or `"mul_add"` for tensors whose average has another dtype; defaults
+            to the one measured faster on their device (benchmarks compare both).
     """
 
-    def __init__(self, averages: Sequence[Sequence[Tensor]], sources: Sequence[Tensor]) -> None:
+    def __init__(
+        self, averages: Sequence[Sequence[Tensor]], sources: Sequence[Tensor], mixed: str | None = None
+    ) -> None:
         for average in averages:
             if len(average) != len(sources):
                 raise ValueError(f"UpdatePlan got {len(average)} average tensors but {len(sources)} live tensors.")
@@ -78,7 +82,7 @@ class UpdatePlan:
                 raise ValueError("UpdatePlan needs the averages of a tensor to share one dtype.")
             if source_dtype == average_dtypes[0]:
                 kind, limit = "lerp", (BLOCK_NUMEL if self.count > 1 else None)
-            elif device.type == "cuda":
+            elif (mixed or ("mul_add" if device.type == "cuda" else "upcast")) == "mul_add":
                 kind, limit = "mul_add", None
             else:
                 kind, limit = "upcast", SCRATCH_NUMEL
