@@ -392,5 +392,5 @@ def _count(module: nn.Module, name: str, value: object) -> None:
 
 
 def _count_buffer(module: nn.Module, name: str, value: object) -> None:
-    if name not in module._non_persistent_buffers_set:
+    if name not in module.__dict__.get("_non_persistent_buffers_set", ()):
         _count(module, name, value)
