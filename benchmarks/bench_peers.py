@@ -320,8 +320,11 @@ def timed(rows: list[Row], rounds: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def run(model_name: str, dtype: torch.dtype, rounds: int) -> tuple[list[str], str, str]:
-    """Checks, times and tabulates every row for one model and weight dtype; returns table rows, summary, description."""
+def run(model_name: str, dtype: torch.dtype, rounds: int) -> tuple[list[str], list[str], str]:
+    """Checks, times and tabulates every row for one model and weight dtype.
+
+    Returns the table rows, the summary lines (the fastest peer, what was left out and why) and the model's size.
+    """
     model = build_model(model_name, dtype)
     params = trainable(model)
     numel = sum(p.numel() for p in params)
@@ -330,15 +333,17 @@ def run(model_name: str, dtype: torch.dtype, rounds: int) -> tuple[list[str], st
     noise = torch.Generator().manual_seed(1)
     moved = [(a.float() + 0.5 * torch.randn(a.shape, generator=noise)).to(dtype) for a in start]
     # Checked one at a time at CHECK_SMOOTHING, then built afresh at SMOOTHING for timing (the peers take it when built).
-    passed = set()
+    passed, left_out = set(), []
     for name, build in implementations(model, CHECK_SMOOTHING):
         try:
             check(model, build, start, moved)
             passed.add(name)
         except Unavailable as reason:
-            print(f"{model_name}, {weights} weights: left out {name}: {reason}", file=sys.stderr, flush=True)
+            left_out.append(f"{weights} weights: left out {name}: {reason}")
         except Exception as error:  # a peer that cannot take these settings, e.g. a dtype it does not support
-            print(f"{model_name}, {weights} weights: left out {name}: {error!r}", file=sys.stderr, flush=True)
+            left_out.append(f"{weights} weights: left out {name}: it fails with {error!r}")
+    for line in left_out:
+        print(f"{model_name}, {line}", file=sys.stderr, flush=True)
     with torch.no_grad():
         torch._foreach_copy_(params, start)
     rows = floors(model) + [build() for name, build in implementations(model, SMOOTHING) if name in passed]
@@ -366,7 +371,7 @@ def run(model_name: str, dtype: torch.dtype, rounds: int) -> tuple[list[str], st
     else:
         summary += "no peer ran"
     description = f"{numel / 1e6:.2f}M trainable parameters in {len(params)} tensors"
-    return table, summary + ".", description
+    return table, [summary + ".", *left_out], description
 
 
 def versions() -> str:
@@ -407,11 +412,14 @@ def main() -> None:
         for dtype in (torch.float32, torch.bfloat16):
             table, summary, description = run(model_name, dtype, rounds)
             lines += table
-            summaries.append(summary)
+            summaries += summary
         text += (
             f"\n#### {model_name}: {description}, {rounds} rounds\n\n"
             "| weights | implementation | average dtype | ms / update | x flat floor | x foreach floor |\n"
-            "| --- | --- | --- | --- | --- | --- |\n" + "\n".join(lines) + "\n\n" + "".join(f"- {line}\n" for line in summaries)
+            "| --- | --- | --- | --- | --- | --- |\n"
+            + "\n".join(lines)
+            + "\n\n"
+            + "".join(f"- {line}\n" for line in summaries)
         )
         print(f"{model_name} done", file=sys.stderr, flush=True)
     publish(text, args.write)
