@@ -32,7 +32,8 @@ falls on all of them alike), one untimed round first, and the table gives median
   - torch-ema `ExponentialMovingAverage(model.parameters(), decay=s, use_num_updates=False)`, `.update()`
     (`use_num_updates=False` turns off its `(1 + n) / (10 + n)` warm-up). bf16 weights: also `.to(dtype=float32)`;
   - torch `AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(s))`, `.update_parameters(model)`: its first call
-    copies the weights (made once before timing). bf16 weights: also `AveragedModel(...).float()`.
+    copies the weights (made once before timing). bf16 weights: `AveragedModel(...).float()` is tried for a float32
+    average, but its `_foreach_lerp_` refuses mixed dtypes (torch 2.13), so it shows among the rows left out.
 
 Before timing, each implementation (floors aside: they average copies of their own) is checked once: built from the
 same start weights A with smoothing 0.75, then one update towards weights B = A + noise, and its average must match
@@ -43,7 +44,7 @@ the reason printed. Ratios divide each median by the floors' medians from the sa
 timm's EMA module is loaded from its file when `import timm` fails: timm imports torchvision, and PyPI's torchvision
 for torch 2.13 is a CUDA build that cannot load its ops against the CPU torch, so `make bench-peers` leaves it out.
 
-    make bench-peers BENCH_ARGS=--quick                                   # smoke run, all models, 3 rounds
+    make bench-peers BENCH_ARGS=--quick                                   # smoke run: 3 rounds, no bert-base
     .venv-bench/bin/python benchmarks/bench_peers.py                      # every model, 15 rounds (7 on bert-base)
     .venv-bench/bin/python benchmarks/bench_peers.py --models tiny-4000 gpt2-small-tied
     .venv-bench/bin/python benchmarks/bench_peers.py --write              # also appends the tables to docs/benchmarks.md
@@ -386,17 +387,24 @@ def versions() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument(
+        "--models", nargs="+", choices=list(MODELS), help="default: all (with --quick: all but bert-base)"
+    )
     parser.add_argument("--rounds", type=int, help="timed rounds per model (default: 15, and 7 on bert-base)")
-    parser.add_argument("--quick", action="store_true", help="3 rounds per model: a smoke run, not a measurement")
+    parser.add_argument(
+        "--quick", action="store_true", help="3 rounds and the two small models: a smoke run, not a measurement"
+    )
     parser.add_argument("--write", action="store_true", help="append the tables to docs/benchmarks.md")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()
+    models = args.models or [
+        m for m in MODELS if not (args.quick and m == "bert-base")
+    ]  # bert-base: minutes to set up
     options = " ".join(
-        [f"--models {' '.join(args.models)}"] * (args.models != list(MODELS))
+        [f"--models {' '.join(models)}"] * (models != list(MODELS))
         + [f"--rounds {args.rounds}"] * (args.rounds is not None)
         + ["--quick"] * args.quick
     )
@@ -406,7 +414,7 @@ def main() -> None:
         f"Command: `python benchmarks/bench_peers.py{' ' * bool(options)}{options}` (interleaved rounds, medians; "
         f"smoothing {SMOOTHING}; {versions()})\n"
     )
-    for model_name in args.models:
+    for model_name in models:
         rounds = 3 if args.quick else args.rounds or MODELS[model_name]
         lines, summaries = [], []
         for dtype in (torch.float32, torch.bfloat16):
