@@ -26,9 +26,15 @@ TF4_DESELECT := \
 	tests/test_distributed.py::test_deepspeed_zero[zero3-nopersist-ema_trainer] \
 	tests/test_distributed.py::test_deepspeed_zero[zero3-init-ema_trainer]
 
+# The peers' EMA libraries (timm, ema-pytorch, diffusers, torch-ema) for benchmarks/bench_peers.py; never part of CI.
+BENCH_VENV ?= .venv-bench
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_STAMP := $(BENCH_VENV)/.hf-ema-installed
+BENCH_ARGS ?=
+
 SITE ?= site
 
-.PHONY: install install-tf4 demo test test-tf4 lint format bench docs wheel-smoke clean
+.PHONY: install install-tf4 demo test test-tf4 lint format bench bench-peers docs wheel-smoke clean
 
 # $(call venv,DIR,LOCK,EXTRAS): a venv in DIR with torch==2.13.0 first, then this tree (editable) against LOCK.
 define venv
@@ -89,5 +95,20 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_update.py
 
+# As the venv macro, then torchvision out again: PyPI's torchvision wheels are CUDA builds whose ops cannot load against
+# the CPU torch, and a torchvision that fails to import breaks transformers' and diffusers' imports as well. timm
+# requires it, but timm's EMA module needs only torch; bench_peers.py loads that module without importing timm.
+$(BENCH_STAMP): pyproject.toml constraints-dev.txt constraints-bench.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install --quiet --upgrade pip
+	$(BENCH_PY) -m pip install --quiet torch==2.13.0
+	$(BENCH_PY) -m pip install --quiet -c constraints-dev.txt -c constraints-bench.txt -e ".[bench]"
+	$(BENCH_PY) -m pip uninstall --quiet --yes torchvision
+	touch $(BENCH_STAMP)
+
+# hf-ema's compute_ema against the peers, e.g. `make bench-peers BENCH_ARGS=--quick`.
+bench-peers: $(BENCH_STAMP)
+	$(BENCH_PY) benchmarks/bench_peers.py $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) $(TF4_VENV) $(SITE) dist build outputs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TF4_VENV) $(BENCH_VENV) $(SITE) dist build outputs .pytest_cache .ruff_cache
