@@ -19,7 +19,7 @@ __all__ = [
     "ema_update_",
     "exchange_",
     "first_non_finite",
-    "registrations",
+    "watch",
     "tracked_tensors",
 ]
 
@@ -314,15 +314,15 @@ _PAIRINGS: weakref.WeakKeyDictionary[nn.Module, dict[int, _Pairing]] = weakref.W
 class _Pairing:
     """What `compute_ema(model, ema_model)` updates, paired by name once: an `UpdatePlan` and the buffers it copies.
 
-    It holds while no module registered a tensor (`registrations`) and the trainable flags of `model`'s parameters
-    are as they were; both are checked on every call, in constant work per parameter.
+    It holds while no module of either model registered a tensor or submodule (`watch`) and the trainable flags of
+    `model`'s parameters are as they were; both are checked on every call, in constant work per parameter.
     """
 
     def __init__(self, model: nn.Module, ema_model: nn.Module) -> None:
         targets = dict(ema_model.named_parameters())
         targets.update(ema_model.named_buffers())
         shadow, current, self.copy_to, self.copy_from = [], [], [], []
-        self.seen = registrations()
+        self.watch = watch(model, ema_model)
         for name, tensor, kind in tracked_tensors(model):
             if name not in targets:
                 raise KeyError(
@@ -348,9 +348,7 @@ class _Pairing:
 
     def valid(self, ema_model: nn.Module) -> bool:
         return (
-            self.ema_model() is ema_model
-            and self.seen == registrations()
-            and _trainable_flags(self.parameters) == self.flags
+            self.ema_model() is ema_model and self.watch.count == 0 and _trainable_flags(self.parameters) == self.flags
         )
 
     def run(self, smoothing: float) -> None:
@@ -364,31 +362,47 @@ def _trainable_flags(parameters: list[Tensor]) -> list[bool]:
 
 
 _requires_grad = operator.attrgetter("requires_grad")
-_registrations = 0
-_counting = False
 
 
-def registrations() -> int:
-    """How many parameters, buffers and submodules were registered on any module since hf-ema first asked.
+class Watch:
+    """Counts registrations (parameters, buffers, submodules) on the modules of the trees given to `watch`.
 
-    Fed by torch's global registration hooks: while it stays the same, no module of this process had a tensor or
-    submodule added or replaced through attribute assignment or `register_*`, so lists of a model's tensors built
-    before are still the model's. Re-registering a non-persistent buffer (rotary caches do, every forward) is not
-    counted: no EMA tracks those.
+    `count` moves when one of those modules gains, loses or replaces a tensor or submodule through attribute
+    assignment or `register_*` (torch's global registration hooks). While it stays the same, lists of the trees'
+    tensors built before are still theirs. Registrations elsewhere in the process (another model, a peer library's
+    counters) are not counted, nor is re-registering a non-persistent buffer (rotary caches do it every forward; no
+    EMA tracks those).
     """
-    global _counting
-    if not _counting:
-        module_hooks = nn.modules.module
-        module_hooks.register_module_parameter_registration_hook(_count)
-        module_hooks.register_module_module_registration_hook(_count)
-        module_hooks.register_module_buffer_registration_hook(_count_buffer)
-        _counting = True
-    return _registrations
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+def watch(*roots: nn.Module) -> Watch:
+    """A `Watch` over every module of the trees `roots` now hold."""
+    global _hooked
+    if not _hooked:
+        hooks = nn.modules.module
+        hooks.register_module_parameter_registration_hook(_count)
+        hooks.register_module_module_registration_hook(_count)
+        hooks.register_module_buffer_registration_hook(_count_buffer)
+        _hooked = True
+    token = Watch()
+    for root in roots:
+        for module in root.modules():
+            _WATCHED.setdefault(module, weakref.WeakSet()).add(token)
+    return token
+
+
+_WATCHED: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[Watch]] = weakref.WeakKeyDictionary()
+_hooked = False
 
 
 def _count(module: nn.Module, name: str, value: object) -> None:
-    global _registrations
-    _registrations += 1
+    tokens = _WATCHED.get(module)
+    if tokens:
+        for token in tokens:
+            token.count += 1
 
 
 def _count_buffer(module: nn.Module, name: str, value: object) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .core import UpdatePlan, exchange_, first_non_finite, registrations, tracked_tensors
+from .core import UpdatePlan, exchange_, first_non_finite, tracked_tensors, watch
 from .distributed import fsdp_modules, refresh_, reshard_
 from .layout import REPLICATED, ZERO3, layout_of
 from .offload import HostOffload, empty_like
@@ -22,7 +22,7 @@ SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 
 CHECK_EVERY = 16
 """Updates between two checks of the live tensors' shapes, dtypes and devices against the update plan's.
-Registrations and trainable flags are checked at every update, the tensors' names at every placement."""
+Registrations on the model (`hf_ema.core.watch`) and trainable flags are checked at every update, the tensors' names at every placement."""
 
 _requires_grad = operator.attrgetter("requires_grad")
 
@@ -217,7 +217,7 @@ class EMAStore:
         self._since_check += 1
         if (
             id(module) != self._source_id
-            or self._seen != registrations()
+            or self._watch.count
             or not all(map(_requires_grad, self._trainable))
             or any(map(_requires_grad, self._frozen))
             or (self._since_check >= CHECK_EVERY and self._signature() != self._signed)
@@ -238,7 +238,7 @@ class EMAStore:
         tracked = self._tracked(module)
         live = self._live(module, tracked=tracked)
         self._source_id, self._source_fsdp = id(module), fsdp_modules(module)
-        self._seen = registrations()
+        self._watch = watch(module)
         self._bound = [tracked[n] for n in self._names]
         self._sources = [live[n] for n in self._names]
         self._replicated = all(self.layouts[n] is REPLICATED for n in self._names)

@@ -10,7 +10,7 @@ from torch import nn
 import hf_ema.core as core
 import hf_ema.store as store_module
 from hf_ema import compute_ema
-from hf_ema.core import UpdatePlan, registrations, tracked_tensors
+from hf_ema.core import UpdatePlan, tracked_tensors, watch
 from hf_ema.store import EMAStore
 
 
@@ -63,18 +63,23 @@ def test_plan_refuses_mismatched_input():
         plan.run([0.5, 1.5])
 
 
-def test_registrations_count_what_replaces_tensors():
-    model = nn.Linear(2, 2)
-    model.register_buffer("cache", torch.zeros(1), persistent=False)
-    before = registrations()
-    model.cache = torch.ones(1)  # a non-persistent buffer set again (as rotary caches are): not counted
-    model.register_buffer("cache", torch.ones(1), persistent=False)
-    assert registrations() == before
-    model.weight = nn.Parameter(torch.zeros(2, 2))
-    assert registrations() == before + 1
-    model.register_buffer("stat", torch.zeros(2))
-    model.child = nn.Linear(1, 1)  # the child's own two parameters, then the child
-    assert registrations() == before + 5
+def test_watch_counts_registrations_on_the_watched_tree_only():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    model[1].register_buffer("cache", torch.zeros(1), persistent=False)
+    token = watch(model)
+    model[1].cache = torch.ones(1)  # a non-persistent buffer set again (as rotary caches are): not counted
+    model[1].register_buffer("cache", torch.ones(1), persistent=False)
+    other = nn.Linear(2, 2)
+    other.weight = nn.Parameter(torch.zeros(2, 2))  # another module's registrations: not counted
+    assert token.count == 0
+    model[0].weight = nn.Parameter(torch.zeros(2, 2))
+    assert token.count == 1
+    model[1].register_buffer("stat", torch.zeros(2))
+    model.append(other)  # the Sequential registers a submodule
+    assert token.count == 3
+    fresh = watch(model)  # a module added after a watch began is covered by the next one (the store re-watches)
+    other.bias = nn.Parameter(torch.zeros(2))
+    assert token.count == 3 and fresh.count == 1
 
 
 class Chain(nn.Module):
