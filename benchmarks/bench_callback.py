@@ -305,7 +305,8 @@ def part2(steps: int, warmup: int, rounds: int, out: str) -> tuple[list[str], st
     note = (
         f"Llama {best[None]['params'] / 1e6:.1f}M parameters, float32, AdamW, batch 4 x {SEQ} tokens; "
         f"{steps} timed steps after {warmup} warm-up steps, mean per step; {rounds} interleaved round(s), the faster "
-        f"per row, then no EMA once more. No-EMA runs: {', '.join(f'{ms:.1f}' for ms in nones)} ms / step, spread {100 * spread:.1f}%."
+        f"per row, then no EMA once more. No-EMA runs: {', '.join(f'{ms:.1f}' for ms in nones)} ms / step, "
+        f"spread {100 * spread:.1f}%."
     )
     return rows, note
 
