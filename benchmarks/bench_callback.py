@@ -20,21 +20,24 @@ Part 2, step overhead on a Llama of 33M parameters (8000-token vocabulary, hidde
 batch 4 x 32 tokens of random ids). A timing callback, listed after the EMACallback, stamps each `on_step_end`; a
 step is the time between two successive stamps, so it holds everything the Trainer does per optimizer step (data,
 forward, backward, clipping, optimizer, scheduler, every callback, the EMA's `on_step_end` included), not only the
-stretch from `on_step_begin` to `on_step_end`. Mean over 20 timed steps after 3 warm-up steps: whole update periods
-for 1ba and 10ba (20 and 2 updates); none for 100ba, whose first update would be at step 100, so that row is the
-constant per-step cost. Runs: no EMA, EMA at `update_interval` 1ba, 10ba and 100ba, in two interleaved rounds (the
-faster round per configuration), then no EMA once more; the spread of the three no-EMA runs is the noise. The bare
-update is the float32 `_foreach_lerp_` floor on the model's tensors, timed right after each stamp in every run (and
-subtracted from that step's time), and hf-ema's update timed as in Part 1 (the EMACallback's `on_step_end` on update
-steps of the 1ba runs).
+stretch from `on_step_begin` to `on_step_end`. Runs: no EMA, EMA at `update_interval` 1ba, 10ba and 100ba, in three
+interleaved rounds of 10 timed steps after 3 warm-up steps (after one discarded run: the process's first Trainer run
+is slower), then no EMA once more; the spread of the no-EMA runs is the noise. ms / step pools a configuration's
+rounds: the median step without an update plus the median extra time of an update step once per interval, which
+resists the other job's bursts better than a mean (the 100ba runs never reach their first update, at step 100, so
+that row is the constant per-step cost). The bare update is the float32 `_foreach_lerp_` floor on the model's
+tensors, timed right after each stamp in every run (and subtracted from that step's time), and hf-ema's update timed
+as in Part 1 (the EMACallback's `on_step_end` on update steps of the 1ba runs). Within the 10ba runs, update steps
+and steps without one alternate within seconds: the difference of their medians is also printed, as the update's
+cost inside a step free of the drift between runs.
 
 One torch thread by default: on a machine shared with another job, a kernel split across both cores stalls whenever
 one of its threads is descheduled (a 40 ms `_foreach_lerp_` measured up to 1.4 s at 2 threads, never above 60 ms at 1).
 `--threads 0` keeps torch's default (every core), for an idle machine. One thread slows the floor's memory-bound
 kernels more than hf-ema's Python bookkeeping, so ratios to the floor read lower than with every core.
 
-    python benchmarks/bench_callback.py            # both parts: about 6 minutes on 2 shared CPU cores
-    python benchmarks/bench_callback.py --quick    # a smoke run with few steps: about 90 seconds
+    python benchmarks/bench_callback.py            # both parts: about 5 minutes on 2 shared CPU cores
+    python benchmarks/bench_callback.py --quick    # a smoke run with few steps: about 2 minutes
     python benchmarks/bench_callback.py --part 1   # only the per-update tables
     python benchmarks/bench_callback.py --write    # also appends the tables to docs/benchmarks.md
 """
@@ -256,31 +259,41 @@ def part2_run(interval: str | None, steps: int, warmup: int, out: str) -> dict:
     )  # fmt: skip
     trainer.remove_callback(PrinterCallback)
     trainer.train()
-    window = [ms for step, ms in clock.steps if step > warmup]
-    result = {
+    updated = {step for step, did, _, _ in timed.samples if did} if timed is not None else set()
+    return {
         "interval": interval,
-        "ms": statistics.fmean(window),
+        "update_steps": [ms for step, ms in clock.steps if step > warmup and step in updated],
+        "quiet_steps": [ms for step, ms in clock.steps if step > warmup and step not in updated],
         "floor": clock.floors[warmup:],
+        "update_ms": [] if timed is None else [s[2] for s in timed.samples if s[0] > warmup and s[1]],
         "params": sum(p.numel() for p in model.parameters()),
     }
-    if timed is not None:
-        result["updates"] = sum(1 for s in timed.samples if s[0] > warmup and s[1])
-        result["update_ms"] = [s[2] for s in timed.samples if s[0] > warmup and s[1]]
-    return result
+
+
+def per_step(runs: list[dict], every: int | None) -> float:
+    """Milliseconds per step, robust to the other job's bursts: the median step without an update, plus one update
+    step's median extra time every `every` steps (None: no EMA; every step of a 1ba run updates)."""
+    quiet = [ms for r in runs for ms in r["quiet_steps"]]
+    updates = [ms for r in runs for ms in r["update_steps"]]
+    if not updates:
+        return statistics.median(quiet)
+    if not quiet:
+        return statistics.median(updates)
+    return statistics.median(quiet) + (statistics.median(updates) - statistics.median(quiet)) / every
 
 
 def part2(steps: int, warmup: int, rounds: int, out: str) -> tuple[list[str], str]:
-    configs = [None, "1ba", "10ba", "100ba"]
+    configs = {None: None, "1ba": 1, "10ba": 10, "100ba": 100}
     runs: dict[str | None, list[dict]] = {c: [] for c in configs}
+    part2_run(None, 2, 1, out)  # discarded: the first Trainer run of the process is slower (lazy imports, allocator)
     for _ in range(rounds):  # interleaved: load drift hits every configuration alike
         for interval in configs:
             runs[interval].append(part2_run(interval, steps, warmup, out))
-            print(f"part 2: {interval or 'no EMA'} {runs[interval][-1]['ms']:.0f} ms / step", flush=True)
+            print(f"part 2: {interval or 'no EMA'} {per_step(runs[interval][-1:], configs[interval]):.0f} ms / step")
     last = part2_run(None, steps, warmup, out)
-    print(f"part 2: no EMA (again) {last['ms']:.0f} ms / step", flush=True)
-    best = {c: min(runs[c], key=lambda r: r["ms"]) for c in configs}
-    base = best[None]["ms"]
-    nones = [r["ms"] for r in runs[None]] + [last["ms"]]
+    print(f"part 2: no EMA (again) {per_step([last], None):.0f} ms / step", flush=True)
+    base = per_step(runs[None], None)
+    nones = [per_step([r], None) for r in runs[None] + [last]]
     floor = statistics.median(ms for rs in runs.values() for r in rs for ms in r["floor"])
     update = statistics.median(ms for r in runs["1ba"] for ms in r["update_ms"])
     rows = [
@@ -289,24 +302,34 @@ def part2(steps: int, warmup: int, rounds: int, out: str) -> tuple[list[str], st
         "| --- | --- | --- | --- | --- | --- |",
         f"| none | | {base:.1f} | 1.000 | | |",
     ]
-    for interval in configs[1:]:
-        r = best[interval]
-        extra = r["ms"] - base
+    for interval, every in list(configs.items())[1:]:
+        ms = per_step(runs[interval], every)
+        extra = ms - base
+        count = sum(len(r["update_steps"]) for r in runs[interval])
         rows.append(
-            f"| float32 average | {interval} ({r['updates']} updates in {steps} steps) | {r['ms']:.1f} | "
-            f"{r['ms'] / base:.3f} | {extra:+.1f} | {extra / floor:+.2f}x floor, {extra / update:+.2f}x hf-ema |"
+            f"| float32 average | {interval} ({count} update steps timed) | {ms:.1f} | {ms / base:.3f} | "
+            f"{extra:+.1f} | {extra / floor:+.2f}x floor, {extra / update:+.2f}x hf-ema |"
         )
-    rows.append(f"| none, run again last | | {last['ms']:.1f} | {last['ms'] / base:.3f} | | |")
+    rows.append(f"| none, run again last | | {nones[-1]:.1f} | {nones[-1] / base:.3f} | | |")
     rows.append(f"| bare update: `_foreach_lerp_` float32 floor | | {floor:.1f} | | | 1.00x floor |")
     rows.append(
         f"| bare update: hf-ema on_step_end (1ba, update steps) | | {update:.1f} | | | {update / floor:.2f}x floor |"
     )
+    # Within the 10ba runs, steps with and without an update alternate within seconds: their difference is the
+    # update's cost inside a step, free of the drift between runs.
+    ten = runs["10ba"]
+    paired = statistics.median(ms for r in ten for ms in r["update_steps"]) - statistics.median(
+        ms for r in ten for ms in r["quiet_steps"]
+    )
     spread = (max(nones) - min(nones)) / min(nones)
     note = (
-        f"Llama {best[None]['params'] / 1e6:.1f}M parameters, float32, AdamW, batch 4 x {SEQ} tokens; "
-        f"{steps} timed steps after {warmup} warm-up steps, mean per step; {rounds} interleaved round(s), the faster "
-        f"per row, then no EMA once more. No-EMA runs: {', '.join(f'{ms:.1f}' for ms in nones)} ms / step, "
-        f"spread {100 * spread:.1f}%."
+        f"Llama {runs[None][0]['params'] / 1e6:.1f}M parameters, float32, AdamW, batch 4 x {SEQ} tokens. "
+        f"{rounds} interleaved rounds of {steps} timed steps after {warmup} warm-up steps per configuration, then no "
+        "EMA once more. ms / step: the median step without an update, plus the median extra time of an update step "
+        "once per interval (the 100ba runs never reach their first update, at step 100: that row is the constant "
+        f"per-step cost). No-EMA runs: {', '.join(f'{ms:.1f}' for ms in nones)} ms / step, spread "
+        f"{100 * spread:.1f}%. Within the 10ba runs an update step took {paired:+.1f} ms more than the steps without "
+        f"(medians), against {update:.1f} ms for hf-ema's on_step_end alone"
     )
     return rows, note
 
@@ -327,7 +350,7 @@ def main() -> None:
     logging.getLogger("hf_ema").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     steps1, warmup1 = (12, 3) if cli.quick else (40, 5)
-    steps2, warmup2, rounds = (5, 2, 1) if cli.quick else (20, 3, 2)
+    steps2, warmup2, rounds = (10, 2, 1) if cli.quick else (10, 3, 3)
     started = time.perf_counter()
     command = "python benchmarks/bench_callback.py" + (" --quick" if cli.quick else "")
     command += f" --part {cli.part}" if cli.part != "all" else ""
