@@ -36,7 +36,7 @@ one of its threads is descheduled (a 40 ms `_foreach_lerp_` measured up to 1.4 s
 `--threads 0` keeps torch's default (every core), for an idle machine. One thread slows the floor's memory-bound
 kernels more than hf-ema's Python bookkeeping, so ratios to the floor read lower than with every core.
 
-    python benchmarks/bench_callback.py            # both parts: about 5 minutes on 2 shared CPU cores
+    python benchmarks/bench_callback.py            # both parts: about 3.5 minutes on 2 shared CPU cores
     python benchmarks/bench_callback.py --quick    # a smoke run with few steps: about 2 minutes
     python benchmarks/bench_callback.py --part 1   # only the per-update tables
     python benchmarks/bench_callback.py --write    # also appends the tables to docs/benchmarks.md
@@ -70,7 +70,7 @@ from hf_ema import EMAArguments, EMACallback  # noqa: E402
 
 WEIGHTS = {"float32": torch.float32, "bf16": torch.bfloat16}
 TARGETS = {"tiny-4000": 1.5, "medium-400": 1.3}
-SEQ = 32  # Part 2's tokens per sequence (batch 4): a step of about a second on one shared core
+SEQ = 32  # Part 2's tokens per sequence (batch 4): a step of about 0.65 s on one shared core
 
 
 class SumOfLinears(nn.Module):
