@@ -74,6 +74,13 @@ def _fsync_dir(directory: str) -> None:
         pass
 
 
+def _own(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, or a copy of it where it is a view into a larger buffer (packed averages): safetensors refuses tensors
+    that share storage."""
+    whole = tensor.storage_offset() == 0 and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.itemsize
+    return tensor.contiguous() if whole else tensor.clone(memory_format=torch.contiguous_format)
+
+
 def save_sidecar(checkpoint_dir: str | os.PathLike, meta: Mapping, tensors: Mapping[str, torch.Tensor]) -> str:
     """Writes the sidecar atomically: a temporary file in the same folder, fsync, rename, fsync of the folder.
 
@@ -81,7 +88,7 @@ def save_sidecar(checkpoint_dir: str | os.PathLike, meta: Mapping, tensors: Mapp
     """
     directory = os.fspath(checkpoint_dir)
     os.makedirs(directory, exist_ok=True)
-    tensors = {key: t.detach().to("cpu").contiguous() for key, t in tensors.items()}
+    tensors = {key: _own(t.detach().to("cpu")) for key, t in tensors.items()}
     metadata = {_METADATA_KEY: json.dumps({**meta, "format_version": FORMAT_VERSION}, sort_keys=True)}
     fd, temp = tempfile.mkstemp(prefix=".ema_state.", suffix=".tmp", dir=directory)
     os.close(fd)

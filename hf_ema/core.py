@@ -61,15 +61,25 @@ class UpdatePlan:
 
     Tensors larger than a batch are cut into slices, made when the plan runs (a few large tensors, so a few views).
 
+    Averages that lie back to back in one buffer (`packed`, the store allocates small upcast ones so) are lerped as
+    one flat tensor per batch: one kernel for the batch instead of one per tensor.
+
     Args:
         averages (`Sequence[Sequence[Tensor]]`): one list per average, each parallel to `sources`; updated in place.
         sources (`Sequence[Tensor]`): the live tensors.
         mixed (`str`, *optional*): `"upcast"` or `"mul_add"` for tensors whose average has another dtype; defaults
             to the one measured faster on their device (benchmarks compare both).
+        packed (`bool`, *optional*, defaults to False): look for averages stored back to back and update them as one
+            flat view of their buffer. Only for averages whose storage stays put (the store's own), since the view is
+            made once.
     """
 
     def __init__(
-        self, averages: Sequence[Sequence[Tensor]], sources: Sequence[Tensor], mixed: str | None = None
+        self,
+        averages: Sequence[Sequence[Tensor]],
+        sources: Sequence[Tensor],
+        mixed: str | None = None,
+        packed: bool = False,
     ) -> None:
         for average in averages:
             if len(average) != len(sources):
@@ -86,18 +96,26 @@ class UpdatePlan:
                 kind, limit = "mul_add", None
             else:
                 kind, limit = "upcast", SCRATCH_NUMEL
-            self._plan_group(kind, limit, group, group_averages)
+            self._plan_group(kind, limit, group, group_averages, packed)
 
-    def _plan_group(self, kind: str, limit: int | None, sources: list[Tensor], averages: list[list[Tensor]]) -> None:
+    def _plan_group(
+        self, kind: str, limit: int | None, sources: list[Tensor], averages: list[list[Tensor]], packed: bool
+    ) -> None:
         scratch = None
+        indices: Sequence[int] = range(len(sources))
         if kind == "upcast":
             total = min(sum(t.numel() for t in sources), SCRATCH_NUMEL)
             key = (averages[0][0].device, averages[0][0].dtype)
             scratch = self._scratch.get(key)
             if scratch is None or scratch.numel() < total:
                 scratch = self._scratch[key] = torch.empty(total, dtype=key[1], device=key[0])
+            if packed:
+                runs, indices = _back_to_back(sources, averages, SCRATCH_NUMEL)
+                for run in runs:
+                    self._plan_packed(run, sources, averages, scratch)
         batch, used = _Batch(kind, self.count), 0
-        for index, source in enumerate(sources):
+        for index in indices:
+            source = sources[index]
             pair = [average[index] for average in averages]
             numel = source.numel()
             if limit is None or numel <= limit - used:
@@ -122,6 +140,27 @@ class UpdatePlan:
                 used += stop - start
         self._batches.append(batch)
 
+    def _plan_packed(self, run: list[int], sources: list[Tensor], averages: list[list[Tensor]], scratch: Tensor):
+        """Batches over `run`, indices of whole tensors whose averages lie back to back: each batch is staged, then
+        lerped as one flat view per average."""
+        start = 0
+        while start < len(run):
+            stop, used = start, 0
+            while stop < len(run) and used + sources[run[stop]].numel() <= scratch.numel():
+                used += sources[run[stop]].numel()
+                stop += 1
+            batch = _Batch("upcast", self.count)
+            for offset_index in run[start:stop]:
+                batch.add_whole(
+                    sources[offset_index], [a[offset_index] for a in averages], scratch, batch.staged_numel
+                )
+            first = [average[run[start]] for average in averages]
+            batch.flat = [torch.as_strided(a, (used,), (1,), a.storage_offset()) for a in first]
+            batch.flat_staged = scratch[:used]
+            batch.averages = [[] for _ in averages]
+            self._batches.append(batch)
+            start = stop
+
     @torch.no_grad()
     def run(self, smoothings: Sequence[float]) -> None:
         """Moves each average towards the live tensors: `average = s * average + (1 - s) * live`, with each average's
@@ -136,6 +175,40 @@ class UpdatePlan:
             batch.run(smoothings, weights)
 
 
+def _back_to_back(
+    sources: list[Tensor], averages: list[list[Tensor]], limit: int
+) -> tuple[list[list[int]], list[int]]:
+    """Runs of indices (two or more) whose averages, in every list, are contiguous and follow one another in one
+    storage, each tensor at most `limit` elements; and the other indices."""
+    runs: list[list[int]] = []
+    rest: list[int] = []
+    current: list[int] = []
+
+    def close() -> None:
+        (runs.append(list(current)) if len(current) > 1 else rest.extend(current))
+        current.clear()
+
+    for index, source in enumerate(sources):
+        pair = [average[index] for average in averages]
+        if source.numel() > limit or not all(a.is_contiguous() for a in pair):
+            rest.append(index)
+            continue
+        if current and not all(_follows(average[current[-1]], average[index]) for average in averages):
+            close()
+        current.append(index)
+    close()
+    return runs, sorted(rest)
+
+
+def _follows(first: Tensor, second: Tensor) -> bool:
+    """Whether `second` starts in `first`'s storage right where `first` ends."""
+    return (
+        second.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        and second.dtype == first.dtype
+        and second.storage_offset() == first.storage_offset() + first.numel()
+    )
+
+
 class _Batch:
     """Tensors updated together by one fused kernel per average (see `UpdatePlan`)."""
 
@@ -147,6 +220,9 @@ class _Batch:
         self.cut_staged: list[Tensor] = []  # and one per slice
         self.cuts: list[tuple[Tensor, list[Tensor], int, int]] = []  # slices of large tensors, made at run time
         self.strided: list[tuple[Tensor, list[Tensor]]] = []
+        self.flat: list[Tensor] = []  # packed averages: one flat view per average, lerped from `flat_staged`
+        self.flat_staged: Tensor | None = None
+        self.staged_numel = 0
 
     def add_whole(self, source: Tensor, pair: list[Tensor], scratch: Tensor | None, offset: int) -> None:
         self.sources.append(source)
@@ -154,6 +230,7 @@ class _Batch:
             slot.append(average)
         if scratch is not None:
             self.staged.append(scratch[offset : offset + source.numel()].view(source.shape))
+            self.staged_numel = offset + source.numel()
 
     def add_slice(
         self, source: Tensor, pair: list[Tensor], start: int, stop: int, scratch: Tensor | None, offset: int
@@ -174,7 +251,11 @@ class _Batch:
             if self.kind == "upcast":
                 torch._foreach_copy_(staged, sources)
                 sources = staged
-            for slot, smoothing, weight in zip(averages, smoothings, weights, strict=True):
+            if self.flat:
+                for flat, weight in zip(self.flat, weights, strict=True):
+                    flat.lerp_(self.flat_staged, weight)
+                averages = []
+            for slot, smoothing, weight in zip(averages, smoothings, weights, strict=not self.flat):
                 if self.kind == "mul_add":
                     torch._foreach_mul_(slot, smoothing)
                     torch._foreach_add_(slot, sources, alpha=weight)

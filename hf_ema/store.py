@@ -26,6 +26,23 @@ Registrations on the model (`hf_ema.core.watch`) and trainable flags are checked
 
 _requires_grad = operator.attrgetter("requires_grad")
 
+PACK_NUMEL = 2**14
+"""Largest tensor (in elements) whose float32 average of 16-bit weights on CPU is kept in the average's packed
+buffer: an update stages a batch of them and lerps the batch as one tensor, one kernel instead of one per tensor
+(docs/benchmarks.md). Small, so copying the packed averages out for a checkpoint costs little."""
+
+
+def _pack(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Float32 tensors shaped like `tensors`, back to back in one new buffer."""
+    if not tensors:
+        return {}
+    buffer = torch.empty(sum(t.numel() for t in tensors.values()), dtype=torch.float32)
+    views, offset = {}, 0
+    for name, tensor in tensors.items():
+        views[name] = buffer[offset : offset + tensor.numel()].view(tensor.shape)
+        offset += tensor.numel()
+    return views
+
 
 def shadow_dtype(dtype: torch.dtype, policy: str) -> torch.dtype:
     """The dtype of the average of a tensor of `dtype` under `ema_dtype` policy `policy`."""
@@ -87,12 +104,18 @@ class EMAStore:
         self.sharded = any(layout.sharded for layout in self.layouts.values())  # some rank holds part of a tensor
         self.flat_names = sorted(n for n, layout in self.layouts.items() if layout.flat)
         live = self._live(module, check=False)
+        # Small averages that updates upcast into (16-bit weights, float32 averages, on CPU) lie back to back in one
+        # buffer per average, so one lerp updates a batch of them (`UpdatePlan`'s packed batches).
+        packed = [] if self.sharded or asynchronous else [n for n, t in live.items() if self._packs(t)]
         self.averages: dict[str, dict[str, Tensor]] = {}
         for label in self.labels:
+            views = _pack({n: live[n] for n in packed})
             self.averages[label] = {}
             for name, tensor in live.items():
                 target = self.device if self.device is not None else tensor.device
-                average = empty_like(tensor, shadow_dtype(tensor.dtype, ema_dtype), target)
+                average = views.get(name)
+                if average is None:
+                    average = empty_like(tensor, shadow_dtype(tensor.dtype, ema_dtype), target)
                 average.copy_(tensor.detach())
                 self.averages[label][name] = average
         self._names = list(live)
@@ -105,6 +128,12 @@ class EMAStore:
         self.holds: str | None = None  # the label of the average in the model, None for the training weights
         self._stash: dict[str, Tensor] = {}
         self._bind(module)
+
+    def _packs(self, tensor: Tensor) -> bool:
+        """Whether the average of `tensor` goes into the packed buffer (see `PACK_NUMEL`)."""
+        on_host = tensor.device.type == "cpu" and (self.device is None or self.device.type == "cpu")
+        widened = tensor.dtype != torch.float32 and shadow_dtype(tensor.dtype, self.ema_dtype) == torch.float32
+        return on_host and widened and tensor.numel() <= PACK_NUMEL
 
     # ---- bookkeeping ----
 
@@ -248,7 +277,7 @@ class EMAStore:
         self._signed = self._signature()
         self._since_check = 0
         sources = self.offload.staging if self.offload is not None else self._sources
-        self._plan = UpdatePlan([self._lists[label] for label in self.labels], sources)
+        self._plan = UpdatePlan([self._lists[label] for label in self.labels], sources, packed=True)
 
     def _signature(self) -> list[tuple]:
         """The live tensors' metadata, which the plan depends on."""

@@ -219,3 +219,61 @@ def test_store_refuses_changes_it_cannot_follow():
         model.a.bias.data = torch.zeros(4)  # reshaped without a registration: the kernels fail, the check names it
     with pytest.raises(RuntimeError, match=r"reshaped: a.bias \(3,\) -> \(4,\)"):
         store.update_(model, 0.5)
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_packed_averages_are_lerped_as_one_tensor_per_batch(monkeypatch, count):
+    monkeypatch.setattr(core, "SCRATCH_NUMEL", 64)  # several packed batches
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(3, 5), (7,), (2, 2), (30,), (9,), (100,), (4,)]  # (100,) is larger than a batch: cut, not packed
+    sources = [torch.randn(s, generator=generator).bfloat16() for s in shapes]
+    averages = []
+    for k in range(count):
+        buffer = torch.empty(sum(t.numel() for t in sources))
+        views, offset = [], 0
+        for t in sources:
+            views.append(buffer[offset : offset + t.numel()].view(t.shape))
+            offset += t.numel()
+        for view, t in zip(views, sources, strict=True):
+            view.copy_(t.float() + k)
+        averages.append(views)
+    expected = [[a.double().clone() for a in average] for average in averages]
+    plan = UpdatePlan(averages, sources, packed=True)
+    flat = [b for b in plan._batches if b.flat]
+    # The five small tensors before the cut one, in packed batches; (4,) does not follow (9,) in storage: alone.
+    assert [len(b.sources) for b in flat] == [4, 1]  # 15 + 7 + 4 + 30 elements fill a 64-element batch
+    smoothings = [0.75, 0.25][:count]
+    for _ in range(3):
+        for t in sources:
+            t.add_(torch.randn(t.shape, generator=generator).bfloat16())
+        plan.run(smoothings)
+        for reference, s in zip(expected, smoothings, strict=True):
+            for i, t in enumerate(sources):
+                reference[i] = s * reference[i] + (1 - s) * t.double()
+    for average, reference in zip(averages, expected, strict=True):
+        for got, want in zip(average, reference, strict=True):
+            torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6)
+
+
+def test_store_packs_small_upcast_averages_and_saves_them(tmp_path):
+    from hf_ema.checkpoint import load_sidecar, save_sidecar
+
+    model = Chain().to(torch.bfloat16)
+    store = EMAStore(model, labels=("a", "b"))
+    storages = {label: {t.untyped_storage().data_ptr() for t in store.averages[label].values()} for label in "ab"}
+    assert all(len(s) == 1 for s in storages.values())  # every average of this small model in one buffer
+    reference = {label: {n: t.double().clone() for n, t in store.averages[label].items()} for label in "ab"}
+    for seed in range(3):
+        nudge(model, seed)
+        store.update_(model, {"a": 0.5, "b": 0.9})
+        step(reference["a"], model, 0.5)
+        step(reference["b"], model, 0.9)
+    for label in "ab":
+        for name, want in reference[label].items():
+            torch.testing.assert_close(store.averages[label][name].double(), want, rtol=0, atol=1e-6)
+    tensors = {f"{label}/{n}": t for label in "ab" for n, t in store.averages[label].items()}
+    save_sidecar(tmp_path, {"step": 3}, tensors)  # views of one buffer are copied out, not refused
+    loaded = load_sidecar(tmp_path).tensors
+    assert loaded.keys() == tensors.keys()
+    for key, tensor in tensors.items():
+        assert torch.equal(loaded[key], tensor)
