@@ -34,13 +34,14 @@ def _groups(*lists: Sequence[Tensor]) -> dict[tuple, list[list[Tensor]]]:
     return groups
 
 
-SCRATCH_NUMEL = 2**20
-"""Elements a batch of 16-bit tensors is upcast into before being lerped into wider averages on CPU (4 MiB in
-float32): small enough to stay in cache between the upcast and the lerps (docs/benchmarks.md)."""
+SCRATCH_NUMEL = 2**18
+"""Elements a batch of 16-bit tensors is upcast into before being lerped into wider averages on CPU (1 MiB in
+float32): small enough to stay in cache between the upcast and the lerps (2**17 to 2**22 measured in
+docs/benchmarks.md)."""
 
 BLOCK_NUMEL = 2**18
 """Elements per batch when several averages are updated from the same weights: each batch of weights is read from
-memory once, and from cache by the other averages (docs/benchmarks.md)."""
+memory once, and from cache by the other averages (2**17 to 2**20 measured in docs/benchmarks.md)."""
 
 
 class UpdatePlan:
@@ -273,7 +274,7 @@ def ema_update_(shadow: Sequence[Tensor], current: Sequence[Tensor], smoothing: 
     Tensors are grouped by device and dtype and updated with fused multi-tensor kernels (`torch._foreach_*`); no
     temporary the size of the model is made. The update is a lerp where dtypes match (a tensor that does not move stays
     bit-exact). A float32 shadow of a 16-bit tensor is updated with a fused mul and a mixed-dtype add on CUDA, and on
-    other devices lerped towards the tensor upcast batch by batch through a 4 MiB scratch buffer (`SCRATCH_NUMEL`):
+    other devices lerped towards the tensor upcast batch by batch through a 1 MiB scratch buffer (`SCRATCH_NUMEL`):
     whichever measured faster there. A one-off call; updates repeated over the same tensors build an `UpdatePlan`
     once instead.
 
