@@ -39,9 +39,10 @@ SCRATCH_NUMEL = 2**18
 float32): small enough to stay in cache between the upcast and the lerps (2**17 to 2**22 measured in
 docs/benchmarks.md)."""
 
-BLOCK_NUMEL = 2**18
-"""Elements per batch when several averages are updated from the same weights: each batch of weights is read from
-memory once, and from cache by the other averages (2**17 to 2**20 measured in docs/benchmarks.md)."""
+BLOCK_NUMEL = 2**20
+"""Elements per batch when several averages are updated from the same weights (4 MiB in float32): each batch of
+weights is read (and, for 16-bit weights, upcast) once, then from cache by every average (2**14 to 2**20 measured in
+docs/benchmarks.md)."""
 
 
 class UpdatePlan:
@@ -54,10 +55,10 @@ class UpdatePlan:
 
     Per group of tensors sharing device and dtypes:
 
-    - same dtype: one `_foreach_lerp_` per average; with several averages, in batches of `BLOCK_NUMEL` elements so
-      each batch of weights is read from memory once and from cache by the other averages;
-    - 16-bit weights with wider averages on CPU: each batch of `SCRATCH_NUMEL` elements is upcast into a scratch
-      buffer once, then lerped into every average;
+    - same dtype: one `_foreach_lerp_` per average; with several averages on CPU, in batches of `BLOCK_NUMEL`
+      elements so each batch of weights is read from memory once and from cache by the other averages;
+    - 16-bit weights with wider averages on CPU: each batch of `SCRATCH_NUMEL` elements (`BLOCK_NUMEL` with several
+      averages) is upcast into a scratch buffer once, then lerped into every average;
     - the same on CUDA: a fused mul and a mixed-dtype add per average (measured faster there than staging).
 
     Tensors larger than a batch are cut into slices, made when the plan runs (a few large tensors, so a few views).
@@ -92,11 +93,12 @@ class UpdatePlan:
             if len(set(average_dtypes)) > 1:
                 raise ValueError("UpdatePlan needs the averages of a tensor to share one dtype.")
             if source_dtype == average_dtypes[0]:
-                kind, limit = "lerp", (BLOCK_NUMEL if self.count > 1 else None)
+                # Batches only help where a batch stays in a CPU cache; on GPUs they would only add kernel launches.
+                kind, limit = "lerp", (BLOCK_NUMEL if self.count > 1 and device.type == "cpu" else None)
             elif (mixed or ("mul_add" if device.type == "cuda" else "upcast")) == "mul_add":
                 kind, limit = "mul_add", None
             else:
-                kind, limit = "upcast", SCRATCH_NUMEL
+                kind, limit = "upcast", (SCRATCH_NUMEL if self.count == 1 else max(SCRATCH_NUMEL, BLOCK_NUMEL))
             self._plan_group(kind, limit, group, group_averages, packed)
 
     def _plan_group(
@@ -105,13 +107,13 @@ class UpdatePlan:
         scratch = None
         indices: Sequence[int] = range(len(sources))
         if kind == "upcast":
-            total = min(sum(t.numel() for t in sources), SCRATCH_NUMEL)
+            total = min(sum(t.numel() for t in sources), limit)
             key = (averages[0][0].device, averages[0][0].dtype)
             scratch = self._scratch.get(key)
             if scratch is None or scratch.numel() < total:
                 scratch = self._scratch[key] = torch.empty(total, dtype=key[1], device=key[0])
             if packed:
-                runs, indices = _back_to_back(sources, averages, SCRATCH_NUMEL)
+                runs, indices = _back_to_back(sources, averages, limit)
                 for run in runs:
                     self._plan_packed(run, sources, averages, scratch)
         batch, used = _Batch(kind, self.count), 0

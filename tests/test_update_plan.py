@@ -223,7 +223,8 @@ def test_store_refuses_changes_it_cannot_follow():
 
 @pytest.mark.parametrize("count", [1, 2])
 def test_packed_averages_are_lerped_as_one_tensor_per_batch(monkeypatch, count):
-    monkeypatch.setattr(core, "SCRATCH_NUMEL", 64)  # several packed batches
+    monkeypatch.setattr(core, "SCRATCH_NUMEL", 64)  # several packed batches (one average)
+    monkeypatch.setattr(core, "BLOCK_NUMEL", 64)  # (several)
     generator = torch.Generator().manual_seed(0)
     shapes = [(3, 5), (7,), (2, 2), (30,), (9,), (100,), (4,)]  # (100,) is larger than a batch: cut, not packed
     sources = [torch.randn(s, generator=generator).bfloat16() for s in shapes]
