@@ -397,6 +397,12 @@ CATALOGUE = [
         ["no longer trainable or gone: linear.bias"],
     ),
     (
+        "model cast between two updates (`.to(torch.bfloat16)` in a step)",
+        change_model_mid_training(lambda m: m.to(torch.bfloat16)),
+        RuntimeError,
+        ["changed dtype or device", "before training starts"],
+    ),
+    (
         "resize_token_embeddings mid-run",
         resize_embeddings,
         RuntimeError,
