@@ -37,6 +37,7 @@ RESUME_CASES["gradient_accumulation"] = dict(half_life="4ba", update_interval="3
 RESUME_CASES["save_only_model"] = dict(half_life="4ba")
 EXTRA_ARGS["save_only_model"] = {"save_only_model": True}
 RESUME_CASES["bf16_float32_average"] = dict(smoothing=0.9)
+RESUME_CASES["bf16_several_averages"] = dict(half_life=["4ba", "16ba"])  # packed averages, one shared upcast
 
 
 @pytest.mark.parametrize("kind", ["ema_trainer", "callback"])
