@@ -23,6 +23,23 @@ def tensors(dtype, seed=0):
     return out
 
 
+def run_against_reference(plan, sources, averages, smoothings_per_update, atol, seed=1):
+    """Runs `plan` once per entry of `smoothings_per_update`, moving `sources` in place before each run, and checks
+    every average against a float64 reference stepped alongside."""
+    expected = [[a.double().clone() for a in average] for average in averages]
+    generator = torch.Generator().manual_seed(seed)
+    for smoothings in smoothings_per_update:
+        for t in sources:  # in place: the plan reads whatever the tensors hold now
+            t.add_(torch.randn(t.shape, generator=generator).to(t.dtype))
+        plan.run(smoothings)
+        for reference, s in zip(expected, smoothings, strict=True):
+            for i, t in enumerate(sources):
+                reference[i] = s * reference[i] + (1 - s) * t.double()
+    for average, reference in zip(averages, expected, strict=True):
+        for got, want in zip(average, reference, strict=True):
+            torch.testing.assert_close(got.double(), want, rtol=0, atol=atol)
+
+
 @pytest.mark.parametrize("count", [1, 3])
 @pytest.mark.parametrize(
     "source_dtype, average_dtype",
@@ -34,23 +51,11 @@ def test_plan_matches_float64_reference(monkeypatch, count, source_dtype, averag
     monkeypatch.setattr(core, "SCRATCH_NUMEL", 64)
     sources = tensors(source_dtype)
     averages = [[t.to(average_dtype).clone() + k for t in sources] for k in range(count)]
-    expected = [[a.double().clone() for a in average] for average in averages]
     plan = UpdatePlan(averages, sources)
     assert len(plan._batches) > 1 or count == 1 and source_dtype == average_dtype
-    smoothings = [0.9, 0.5, 0.0][:count]
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(3):
-        for t in sources:  # in place: the plan reads whatever the tensors hold now
-            t.add_(torch.randn(t.shape, generator=generator).to(source_dtype))
-        plan.run(smoothings)
-        for reference, s in zip(expected, smoothings, strict=True):
-            for i, t in enumerate(sources):
-                reference[i] = s * reference[i] + (1 - s) * t.double()
     tolerance = 1e-12 if average_dtype == torch.float64 else 2e-6
-    for average, reference in zip(averages, expected, strict=True):
-        for got, want in zip(average, reference, strict=True):
-            assert got.dtype == average_dtype
-            torch.testing.assert_close(got.double(), want, rtol=0, atol=tolerance)
+    run_against_reference(plan, sources, averages, [[0.9, 0.5, 0.0][:count]] * 3, tolerance)
+    assert all(t.dtype == average_dtype for average in averages for t in average)
 
 
 def test_plan_refuses_mismatched_input():
@@ -239,22 +244,11 @@ def test_packed_averages_are_lerped_as_one_tensor_per_batch(monkeypatch, count):
         for view, t in zip(views, sources, strict=True):
             view.copy_(t.float() + k)
         averages.append(views)
-    expected = [[a.double().clone() for a in average] for average in averages]
     plan = UpdatePlan(averages, sources, packed=True)
     flat = [b for b in plan._batches if b.flat]
     # The five small tensors before the cut one, in packed batches; (4,) does not follow (9,) in storage: alone.
     assert [len(b.sources) for b in flat] == [4, 1]  # 15 + 7 + 4 + 30 elements fill a 64-element batch
-    smoothings = [0.75, 0.25][:count]
-    for _ in range(3):
-        for t in sources:
-            t.add_(torch.randn(t.shape, generator=generator).bfloat16())
-        plan.run(smoothings)
-        for reference, s in zip(expected, smoothings, strict=True):
-            for i, t in enumerate(sources):
-                reference[i] = s * reference[i] + (1 - s) * t.double()
-    for average, reference in zip(averages, expected, strict=True):
-        for got, want in zip(average, reference, strict=True):
-            torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6)
+    run_against_reference(plan, sources, averages, [[0.75, 0.25][:count]] * 3, 2e-6)
 
 
 def test_store_packs_small_upcast_averages_and_saves_them(tmp_path):
@@ -292,20 +286,10 @@ def test_fused_update_matches_float64_reference(monkeypatch):
     sources = tensors(torch.bfloat16)
     sources[-1] = sources[-1].contiguous()
     averages = [[t.float() + k for t in sources] for k in range(2)]
-    expected = [[a.double().clone() for a in average] for average in averages]
     plan = UpdatePlan(averages, sources, fused=True)
     assert sorted(s.numel() for s, _ in plan._fused) == [143, 200, 600]
-    generator = torch.Generator().manual_seed(1)
-    for smoothings in ([0.9, 0.5], [0.8, 0.25], [0.7, 0.0]):  # new smoothings each update (warm-up schedules)
-        for t in sources:
-            t.add_(torch.randn(t.shape, generator=generator).bfloat16())
-        plan.run(smoothings)
-        for reference, s in zip(expected, smoothings, strict=True):
-            for i, t in enumerate(sources):
-                reference[i] = s * reference[i] + (1 - s) * t.double()
-    for average, reference in zip(averages, expected, strict=True):
-        for got, want in zip(average, reference, strict=True):
-            torch.testing.assert_close(got.double(), want, rtol=0, atol=4e-6)
+    # New smoothings at each update (warm-up schedules): a 0-d weight, no recompilation.
+    run_against_reference(plan, sources, averages, [[0.9, 0.5], [0.8, 0.25], [0.7, 0.0]], 4e-6)
 
 
 def test_fused_update_falls_back_when_compiling_fails(monkeypatch):
