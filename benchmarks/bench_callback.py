@@ -152,7 +152,7 @@ class Timed:
         callback.on_train_begin, callback.on_step_end = on_train_begin, on_step_end
 
 
-def part1_run(name: str, weights: str, interval: str, steps: int, out: str, fused: bool = False) -> Timed:
+def part1_run(name: str, weights: str, interval: str, steps: int, out: str) -> Timed:
     model = build(name, WEIGHTS[weights])
     width = model.layers[0].in_features
     generator = torch.Generator().manual_seed(0)
@@ -165,7 +165,7 @@ def part1_run(name: str, weights: str, interval: str, steps: int, out: str, fuse
             strict=True,
         )
     ]  # one epoch covers every step: no epoch ends inside the timed steps
-    callback = EMACallback(EMAArguments(half_life="10ba", update_interval=interval, ema_fused_update=fused))
+    callback = EMACallback(EMAArguments(half_life="10ba", update_interval=interval))
     timed = Timed(callback, floor=interval == "1ba")
     trainer = Trainer(
         model=model, args=trainer_args(out, steps, batch, "sgd"), train_dataset=data, callbacks=[callback]
@@ -189,21 +189,15 @@ def part1(steps: int, warmup: int, out: str) -> tuple[list[str], list[str], list
     ]
     notes = []
     for name in TARGETS:
-        for weights, fused in [(w, False) for w in WEIGHTS] + [("bf16", True)]:
-            every = part1_run(name, weights, "1ba", steps, out, fused)
+        for weights in WEIGHTS:
+            every = part1_run(name, weights, "1ba", steps, out)
+            sparse = part1_run(name, weights, "10ba", steps, out)
             timed = [s for s in every.samples if s[0] > warmup and s[1]]
+            quiet = [s[2] for s in sparse.samples if s[0] > warmup and not s[1]]
             ms = statistics.median(s[2] for s in timed)
             floor = statistics.median(s[3] for s in timed)
             ratio, target = ms / floor, TARGETS[name]
             average = str(every.average_dtype).removeprefix("torch.")
-            if fused:  # the opt-in compiled kernel (compiled at the first update, inside the discarded warm-up)
-                update.append(
-                    f"| {name} | {weights}, `ema_fused_update=True` | {average} | {ms:.2f} | {floor:.2f} | "
-                    f"{ratio:.2f}x | <= {target}x: {'met' if ratio <= target else 'missed'} |"
-                )
-                continue
-            sparse = part1_run(name, weights, "10ba", steps, out)
-            quiet = [s[2] for s in sparse.samples if s[0] > warmup and not s[1]]
             update.append(
                 f"| {name} | {weights} | {average} | {ms:.2f} | {floor:.2f} | {ratio:.2f}x | "
                 f"<= {target}x: {'met' if ratio <= target else 'missed'} |"

@@ -178,16 +178,6 @@ def implementations(model: nn.Module, s: float) -> list[tuple[str, Callable[[], 
 
     rows.append((HF_EMA, hf_ema))
 
-    def hf_ema_fused() -> Row:
-        ema_model = copy.deepcopy(model).float()
-        update = lambda: compute_ema(model, ema_model, s, fused=True)  # noqa: E731
-        return Row(
-            f"{HF_EMA} (`fused=True`, opt-in)", torch.float32, update, lambda: by_name(ema_model, names), peer=False
-        )
-
-    if low:
-        rows.append((f"{HF_EMA} (`fused=True`, opt-in)", hf_ema_fused))
-
     def timm_v3(name: str, dtype: torch.dtype | None) -> Callable[[], Row]:
         def build() -> Row:
             ema = timm_model_ema().ModelEmaV3(model, decay=s, exclude_buffers=True, dtype=dtype)

@@ -116,11 +116,6 @@ def run(params: float, param_dtype: torch.dtype, shadow_dtype: torch.dtype, devi
             name = f"  candidate: upcast through {numel * 4 >> 20} MiB of scratch + foreach lerp{chosen}"
             rows.append((name, lambda staged=staged: staged.run([s])))
         core.SCRATCH_NUMEL = default
-        fused = UpdatePlan([shadow], live, fused=True)  # opt-in: EMAArguments(ema_fused_update=True)
-        if fused._fused:
-            rows.append(
-                ("  opt-in: compiled upcast-and-lerp kernel (`ema_fused_update=True`)", lambda: fused.run([s]))
-            )
     if param_dtype == shadow_dtype:
         from torch.optim.swa_utils import get_ema_multi_avg_fn
 
