@@ -99,13 +99,6 @@ class EMAArguments:
             Check the training weights before each update and skip the update (with a warning) when any is NaN or
             infinite. Costs one host synchronisation per update. Without it, a non-finite average is refused with an
             error when a checkpoint is written or training ends, never saved silently.
-        ema_fused_update (`bool`, *optional*, defaults to `False`):
-            For 16-bit weights with float32 averages: update each large tensor (`hf_ema.core.FUSED_MIN_NUMEL`
-            elements or more) with one kernel compiled by `torch.compile`, reading the 16-bit weights and upcasting
-            them in the same pass as the lerp, instead of an upcast followed by a lerp. Measured at about the
-            float32 floor on CPU (docs/benchmarks.md). The first update compiles it (10-40 s on CPU; cached on disk by
-            torch); it needs a C++ compiler on CPU and Triton on GPUs, and falls back to the eager kernels with a
-            warning when compiling fails. No effect on same-dtype averages.
 
     Example:
 
@@ -224,13 +217,6 @@ class EMAArguments:
             "update. Without it a non-finite average raises when a checkpoint is written or training ends."
         },
     )
-    ema_fused_update: bool = field(
-        default=False,
-        metadata={
-            "help": "Update bf16/fp16 weights' float32 averages with one kernel per large tensor compiled by "
-            "torch.compile (upcast and lerp in one pass); the first update compiles it. Off by default."
-        },
-    )
     ema_snapshot_every: str | None = field(
         default=None,
         metadata={
@@ -314,7 +300,7 @@ class EMAArguments:
                 f"`ema_device` must be None (the parameters' device) or 'cpu', got {self.ema_device!r}. Use "
                 "ema_device='cpu' to keep the average in host memory."
             )
-        for name in ("ema_eval_training_weights", "ema_save_all_averages", "ema_skip_non_finite", "ema_fused_update"):
+        for name in ("ema_eval_training_weights", "ema_save_all_averages", "ema_skip_non_finite"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
         _check_snapshots(self)

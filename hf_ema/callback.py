@@ -483,9 +483,7 @@ class EMACallback(TrainerCallback):
         if self.store is not None:
             self.store.close()
         a = self.ema_args
-        return EMAStore(
-            model, a.ema_dtype, device=a.ema_device, buffers=a.ema_buffers, labels=a.labels, fused=a.ema_fused_update
-        )
+        return EMAStore(model, a.ema_dtype, device=a.ema_device, buffers=a.ema_buffers, labels=a.labels)
 
     def _start(self, args: TrainingArguments, state: TrainerState) -> None:
         self.store = self._new_store(self.model)

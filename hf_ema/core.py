@@ -6,7 +6,6 @@ Imports only torch. The caller passes what changed (the smoothing of this update
 from __future__ import annotations
 
 import operator
-import warnings
 import weakref
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -75,10 +74,6 @@ class UpdatePlan:
         packed (`bool`, *optional*, defaults to False): look for averages stored back to back and update them as one
             flat view of their buffer. Only for averages whose storage stays put (the store's own), since the view is
             made once.
-        fused (`bool`, *optional*, defaults to False): update tensors of at least `FUSED_MIN_NUMEL` elements whose
-            average has a wider dtype with one compiled kernel each (`fused_lerp`: the upcast and the lerp in one pass;
-            `torch.compile`, so Triton on GPUs and a C++ compiler on CPU). If compiling fails, the plan warns once
-            and keeps the eager kernels.
     """
 
     def __init__(
@@ -87,7 +82,6 @@ class UpdatePlan:
         sources: Sequence[Tensor],
         mixed: str | None = None,
         packed: bool = False,
-        fused: bool = False,
     ) -> None:
         for average in averages:
             if len(average) != len(sources):
@@ -95,18 +89,9 @@ class UpdatePlan:
         self.count = len(averages)
         self._batches: list[_Batch] = []
         self._scratch: dict[tuple, Tensor] = {}
-        self._fused: list[tuple[Tensor, list[Tensor]]] = []  # (live tensor, its averages), one compiled kernel each
         for (device, source_dtype, *average_dtypes), (group, *group_averages) in _groups(sources, *averages).items():
             if len(set(average_dtypes)) > 1:
                 raise ValueError("UpdatePlan needs the averages of a tensor to share one dtype.")
-            if fused and source_dtype != average_dtypes[0] and fused_lerp(device, source_dtype, average_dtypes[0]):
-                large = [i for i, t in enumerate(group) if t.numel() >= FUSED_MIN_NUMEL and t.is_contiguous()]
-                self._fused += [(group[i], [average[i] for average in group_averages]) for i in large]
-                rest = sorted(set(range(len(group))) - set(large))
-                group = [group[i] for i in rest]
-                group_averages = [[average[i] for i in rest] for average in group_averages]
-                if not group:
-                    continue
             if source_dtype == average_dtypes[0]:
                 # Batches only help where a batch stays in a CPU cache; on GPUs they would only add kernel launches.
                 kind, limit = "lerp", (BLOCK_NUMEL if self.count > 1 and device.type == "cpu" else None)
@@ -191,14 +176,6 @@ class UpdatePlan:
         weights = [1.0 - s for s in smoothings]
         for batch in self._batches:
             batch.run(smoothings, weights)
-        if self._fused:
-            kernel, as_tensors = _FUSED["kernel"], {}
-            for source, pair in self._fused:
-                for average, weight in zip(pair, weights, strict=True):
-                    key = (average.device, average.dtype, weight)
-                    if key not in as_tensors:  # a 0-d tensor: a new smoothing recompiles nothing, syncs nothing
-                        as_tensors[key] = torch.full((), weight, dtype=average.dtype, device=average.device)
-                    kernel(average.view(-1), source.view(-1), as_tensors[key])
 
 
 def _back_to_back(
@@ -233,43 +210,6 @@ def _follows(first: Tensor, second: Tensor) -> bool:
         and second.dtype == first.dtype
         and second.storage_offset() == first.storage_offset() + first.numel()
     )
-
-
-FUSED_MIN_NUMEL = 2**18
-"""Smallest tensor (in elements) that `UpdatePlan(fused=True)` gives a compiled kernel of its own: each call of a
-compiled function costs tens of microseconds (docs/benchmarks.md); smaller tensors keep the eager kernels."""
-
-_FUSED: dict = {}
-
-
-def _lerp_upcast_(average: Tensor, weights: Tensor, weight: Tensor) -> None:
-    average.lerp_(weights.to(average.dtype), weight)
-
-
-def fused_lerp(device: torch.device, source_dtype: torch.dtype, average_dtype: torch.dtype) -> bool:
-    """Whether the compiled `average.lerp_(weights.to(average.dtype), weight)` works here for these dtypes.
-
-    Compiles it on first use (about 10-40 s on CPU, cached by torch on disk) with dynamic shapes, trying it on small
-    tensors; a failure (no C++ compiler, no Triton) warns once and is remembered.
-    """
-    key = (device.type, source_dtype, average_dtype)
-    if key not in _FUSED:
-        if "kernel" not in _FUSED:
-            _FUSED["kernel"] = torch.compile(_lerp_upcast_, dynamic=True, fullgraph=True)
-        try:
-            average = torch.zeros(4, dtype=average_dtype, device=device)
-            weights = torch.ones(4, dtype=source_dtype, device=device)
-            _FUSED["kernel"](average, weights, torch.full((), 0.25, dtype=average_dtype, device=device))
-            _FUSED[key] = bool((average == 0.25).all())
-        except Exception as error:  # whatever the compiler stack raises
-            warnings.warn(
-                f"ema_fused_update: compiling the fused update for {source_dtype} weights and {average_dtype} "
-                f"averages on {device.type} failed ({type(error).__name__}: {str(error)[:200]}); the eager kernels "
-                "are used instead. It needs a C++ compiler on CPU and Triton on GPUs.",
-                stacklevel=2,
-            )
-            _FUSED[key] = False
-    return _FUSED[key]
 
 
 class _Batch:
@@ -404,7 +344,7 @@ def tracked_tensors(module: nn.Module, buffers: str = "average") -> Iterator[tup
 
 
 @torch.no_grad()
-def compute_ema(model: nn.Module, ema_model: nn.Module, smoothing: float = 0.99, fused: bool = False) -> None:
+def compute_ema(model: nn.Module, ema_model: nn.Module, smoothing: float = 0.99) -> None:
     """Updates `ema_model` in place towards `model`: `ema = smoothing * ema + (1 - smoothing) * model`.
 
     The functional form of the EMA, for hand-written training loops (as Composer's `compute_ema`). Tensors are paired
@@ -421,9 +361,6 @@ def compute_ema(model: nn.Module, ema_model: nn.Module, smoothing: float = 0.99,
         model (`nn.Module`): the model being trained.
         ema_model (`nn.Module`): the average, typically `copy.deepcopy(model)` made before training.
         smoothing (`float`, *optional*, defaults to 0.99): the weight kept by the old average, in [0, 1].
-        fused (`bool`, *optional*, defaults to False): for a float32 `ema_model` of a 16-bit model, update each large
-            tensor with one kernel compiled by `torch.compile` (as `EMAArguments.ema_fused_update`; the first call
-            compiles it).
 
     Example:
 
@@ -441,16 +378,16 @@ def compute_ema(model: nn.Module, ema_model: nn.Module, smoothing: float = 0.99,
         raise ValueError(f"`smoothing` must be a number in [0, 1], got {smoothing!r}. Use e.g. smoothing=0.999.")
     pairings = _PAIRINGS.setdefault(model, {})
     pairing = pairings.get(id(ema_model))
-    if pairing is None or not pairing.valid(ema_model) or pairing.fused != fused:
+    if pairing is None or not pairing.valid(ema_model):
         for key in [k for k, p in pairings.items() if p.ema_model() is None]:
             del pairings[key]  # pairings with collected ema_models
-        pairing = pairings[id(ema_model)] = _Pairing(model, ema_model, fused)
+        pairing = pairings[id(ema_model)] = _Pairing(model, ema_model)
     try:
         pairing.run(float(smoothing))
     except RuntimeError:
         # A tensor changed shape, dtype or device without being registered again (through `.data`): pair afresh,
         # which raises the mismatch if the two models no longer agree, then update.
-        pairing = pairings[id(ema_model)] = _Pairing(model, ema_model, fused)
+        pairing = pairings[id(ema_model)] = _Pairing(model, ema_model)
         pairing.run(float(smoothing))
 
 
@@ -465,7 +402,7 @@ class _Pairing:
     `model`'s parameters are as they were; both are checked on every call, in constant work per parameter.
     """
 
-    def __init__(self, model: nn.Module, ema_model: nn.Module, fused: bool) -> None:
+    def __init__(self, model: nn.Module, ema_model: nn.Module) -> None:
         targets = dict(ema_model.named_parameters())
         targets.update(ema_model.named_buffers())
         shadow, current, self.copy_to, self.copy_from = [], [], [], []
@@ -488,7 +425,7 @@ class _Pairing:
             else:
                 shadow.append(target)
                 current.append(tensor)
-        self.plan, self.fused = UpdatePlan([shadow], current, fused=fused), fused
+        self.plan = UpdatePlan([shadow], current)
         self.parameters = list(model.parameters())
         self.flags = _trainable_flags(self.parameters)
         self.ema_model = weakref.ref(ema_model)

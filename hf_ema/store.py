@@ -79,7 +79,6 @@ class EMAStore:
         asynchronous (`bool`, *optional*): overlap updates through staging buffers and a background thread; defaults
             to True exactly when some average lives on another device than its tensor.
         labels (`Sequence[str]`, *optional*, defaults to `("ema",)`): the averages' labels, primary first.
-        fused (`bool`, *optional*, defaults to False): see `EMAArguments.ema_fused_update`.
     """
 
     def __init__(
@@ -90,12 +89,11 @@ class EMAStore:
         buffers: str = "average",
         asynchronous: bool | None = None,
         labels: Sequence[str] = ("ema",),
-        fused: bool = False,
     ) -> None:
         if isinstance(labels, str) or not labels or len(set(labels)) != len(labels):
             raise ValueError(f"EMAStore needs distinct labels, got {list(labels)}.")
         self.labels, self.primary = tuple(labels), labels[0]
-        self.ema_dtype, self.buffers, self.fused = ema_dtype, buffers, fused
+        self.ema_dtype, self.buffers = ema_dtype, buffers
         self.device = torch.device(device) if device is not None else None
         # Found once for the trained model, so the per-update path does not search the module tree for them.
         self._source_id, self._source_fsdp = id(module), fsdp_modules(module)
@@ -279,7 +277,7 @@ class EMAStore:
         self._signed = self._signature()
         self._since_check = 0
         sources = self.offload.staging if self.offload is not None else self._sources
-        self._plan = UpdatePlan([self._lists[label] for label in self.labels], sources, packed=True, fused=self.fused)
+        self._plan = UpdatePlan([self._lists[label] for label in self.labels], sources, packed=True)
 
     def _signature(self) -> list[tuple]:
         """The live tensors' metadata, which the plan depends on."""

@@ -2,7 +2,6 @@
 the store's change detection, against float64 references."""
 
 import copy
-import shutil
 
 import pytest
 import torch
@@ -273,78 +272,3 @@ def test_store_packs_small_upcast_averages_and_saves_them(tmp_path):
     assert loaded.keys() == tensors.keys()
     for key, tensor in tensors.items():
         assert torch.equal(loaded[key], tensor)
-
-
-needs_compiler = pytest.mark.skipif(
-    not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on CPU needs a C++ compiler"
-)
-
-
-@needs_compiler
-def test_fused_update_matches_float64_reference(monkeypatch):
-    monkeypatch.setattr(core, "FUSED_MIN_NUMEL", 100)  # the larger tensors get the compiled kernel, the rest not
-    sources = tensors(torch.bfloat16)
-    sources[-1] = sources[-1].contiguous()
-    averages = [[t.float() + k for t in sources] for k in range(2)]
-    plan = UpdatePlan(averages, sources, fused=True)
-    assert sorted(s.numel() for s, _ in plan._fused) == [143, 200, 600]
-    # New smoothings at each update (warm-up schedules): a 0-d weight, no recompilation.
-    run_against_reference(plan, sources, averages, [[0.9, 0.5], [0.8, 0.25], [0.7, 0.0]], 4e-6)
-
-
-def test_fused_update_falls_back_when_compiling_fails(monkeypatch):
-    def broken(*args, **kwargs):
-        raise RuntimeError("no compiler here")
-
-    monkeypatch.setattr(core, "_FUSED", {"kernel": broken})
-    monkeypatch.setattr(core, "FUSED_MIN_NUMEL", 100)
-    sources = tensors(torch.bfloat16)
-    averages = [[t.float() for t in sources]]
-    expected = [a.double().clone() for a in averages[0]]
-    with pytest.warns(UserWarning, match="ema_fused_update: compiling the fused update .* no compiler here"):
-        plan = UpdatePlan(averages, sources, fused=True)
-    assert plan._fused == []
-    for t in sources:
-        t.add_(1.0)
-    plan.run([0.5])
-    for got, want, t in zip(averages[0], expected, sources, strict=True):
-        torch.testing.assert_close(got.double(), 0.5 * want + 0.5 * t.double(), rtol=0, atol=2e-6)
-
-
-@needs_compiler
-@pytest.mark.parametrize("kind", ["ema_trainer", "callback"])
-def test_fused_update_in_a_trainer_matches_the_eager_update(tmp_path, monkeypatch, kind):
-    from conftest import TinyConfig, TinyModel
-    from helpers import build
-
-    from hf_ema import EMAArguments
-
-    monkeypatch.setattr(core, "FUSED_MIN_NUMEL", 1)  # every tensor of the tiny model gets the compiled kernel
-    averages = {}
-    for fused in (False, True):
-        model = TinyModel(TinyConfig()).to(torch.bfloat16)
-        ema_args = EMAArguments(half_life=["4ba", "16ba"], ema_fused_update=fused)
-        trainer, _, callback = build(tmp_path / str(fused), ema_args, kind=kind, model=model, save_strategy="no")
-        trainer.train()
-        store = callback.store
-        assert len(store._plan._fused) == (len(store.names()) if fused else 0)
-        averages[fused] = {label: dict(store.ema_tensors(model, label)) for label in store.labels}
-        assert all(t.dtype == torch.float32 for t in averages[fused]["4ba"].values())
-    for label, tensors in averages[False].items():
-        for name, eager in tensors.items():
-            torch.testing.assert_close(averages[True][label][name], eager, rtol=0, atol=1e-6)
-
-
-@needs_compiler
-def test_compute_ema_fused_matches_float64_reference(monkeypatch):
-    monkeypatch.setattr(core, "FUSED_MIN_NUMEL", 4)
-    model = Chain().to(torch.bfloat16)
-    ema_model = copy.deepcopy(model).float()
-    reference = {n: t.detach().double().clone() for n, t, k in tracked_tensors(ema_model) if k == "average"}
-    for seed, s in ((0, 0.9), (1, 0.6), (2, 0.3)):
-        nudge(model, seed)
-        compute_ema(model, ema_model, s, fused=True)
-        step(reference, model, s)
-    pairing = core._PAIRINGS[model][id(ema_model)]
-    assert pairing.fused and {t.numel() for t, _ in pairing.plan._fused} == {9, 6}  # a.weight, b.weight
-    assert_matches(ema_model, reference, atol=2e-6)
