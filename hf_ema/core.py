@@ -152,15 +152,13 @@ class UpdatePlan:
             while stop < len(run) and used + sources[run[stop]].numel() <= scratch.numel():
                 used += sources[run[stop]].numel()
                 stop += 1
-            batch = _Batch("upcast", self.count)
-            for offset_index in run[start:stop]:
-                batch.add_whole(
-                    sources[offset_index], [a[offset_index] for a in averages], scratch, batch.staged_numel
-                )
+            batch, offset = _Batch("upcast", self.count), 0
+            for index in run[start:stop]:
+                batch.add_whole(sources[index], [], scratch, offset)  # staged only: the lerp is one flat view
+                offset += sources[index].numel()
             first = [average[run[start]] for average in averages]
             batch.flat = [torch.as_strided(a, (used,), (1,), a.storage_offset()) for a in first]
             batch.flat_staged = scratch[:used]
-            batch.averages = [[] for _ in averages]
             self._batches.append(batch)
             start = stop
 
@@ -225,15 +223,15 @@ class _Batch:
         self.strided: list[tuple[Tensor, list[Tensor]]] = []
         self.flat: list[Tensor] = []  # packed averages: one flat view per average, lerped from `flat_staged`
         self.flat_staged: Tensor | None = None
-        self.staged_numel = 0
 
     def add_whole(self, source: Tensor, pair: list[Tensor], scratch: Tensor | None, offset: int) -> None:
+        """Adds a whole tensor with its averages (`pair`, one per average; empty in packed batches)."""
         self.sources.append(source)
-        for slot, average in zip(self.averages, pair, strict=True):
-            slot.append(average)
+        if pair:
+            for slot, average in zip(self.averages, pair, strict=True):
+                slot.append(average)
         if scratch is not None:
             self.staged.append(scratch[offset : offset + source.numel()].view(source.shape))
-            self.staged_numel = offset + source.numel()
 
     def add_slice(
         self, source: Tensor, pair: list[Tensor], start: int, stop: int, scratch: Tensor | None, offset: int
@@ -257,13 +255,13 @@ class _Batch:
             if self.flat:
                 for flat, weight in zip(self.flat, weights, strict=True):
                     flat.lerp_(self.flat_staged, weight)
-                averages = []
-            for slot, smoothing, weight in zip(averages, smoothings, weights, strict=not self.flat):
-                if self.kind == "mul_add":
-                    torch._foreach_mul_(slot, smoothing)
-                    torch._foreach_add_(slot, sources, alpha=weight)
-                else:
-                    torch._foreach_lerp_(slot, sources, weight)
+            else:
+                for slot, smoothing, weight in zip(averages, smoothings, weights, strict=True):
+                    if self.kind == "mul_add":
+                        torch._foreach_mul_(slot, smoothing)
+                        torch._foreach_add_(slot, sources, alpha=weight)
+                    else:
+                        torch._foreach_lerp_(slot, sources, weight)
         for source, pair in self.strided:
             for average, weight in zip(pair, weights, strict=True):
                 average.lerp_(source.to(average.dtype), weight)

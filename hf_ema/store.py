@@ -218,8 +218,9 @@ class EMAStore:
         The update plan (`hf_ema.core.UpdatePlan`) is built once; an update runs its fused kernels (one read of the
         weights for every average) after constant-time checks that the model's tensors are still the ones it holds:
         the registration count and the trainable flags at every update, shapes, dtypes and devices every
-        `CHECK_EVERY` updates, the names at every placement. A change the model's averages cannot follow (a tensor added, removed,
-        frozen, unfrozen or reshaped) raises; one they can (a replaced tensor, a cast) rebuilds the plan.
+        `CHECK_EVERY` updates, the names at every placement. A change the model's averages cannot follow (a tensor
+        added, removed, frozen, unfrozen or reshaped) raises; one they can (a replaced tensor, a cast) rebuilds the
+        plan.
         """
         self._require_training_in_model("update the averages")
         if not isinstance(smoothings, Mapping):
