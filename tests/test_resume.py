@@ -69,16 +69,28 @@ def test_resume_is_bit_exact(tmp_path, kind, case):
     assert_identical(got[1], expected[1])
 
 
-def test_resume_from_explicit_path_in_another_output_dir(tmp_path):
-    ema_args = EMAArguments(half_life="4ba", update_interval="3ba")
+@pytest.mark.parametrize("weights", ["float32", "bf16_several_averages"])
+def test_resume_from_explicit_path_in_another_output_dir(tmp_path, weights):
+    # bf16: packed float32 averages (views of one buffer) written to and read back from a folder of another run.
+    several = weights.startswith("bf16")
+    ema_args = EMAArguments(half_life=["4ba", "16ba"] if several else "4ba", update_interval="3ba")
     common = dict(num_train_epochs=2, save_strategy="steps", save_steps=8)
-    full, _, full_cb = build(tmp_path / "a", ema_args, **common)
+
+    def model():
+        tiny = TinyModel(TinyConfig())
+        return tiny.to(torch.bfloat16) if several else tiny
+
+    full, _, full_cb = build(tmp_path / "a", ema_args, model=model(), **common)
     full.train()
     shutil.copytree(tmp_path / "a" / "checkpoint-8", tmp_path / "elsewhere" / "ckpt")
-    resumed, _, resumed_cb = build(tmp_path / "b", ema_args, **common)
+    resumed, _, resumed_cb = build(tmp_path / "b", ema_args, model=model(), **common)
     resumed.train(resume_from_checkpoint=str(tmp_path / "elsewhere" / "ckpt"))
     assert_identical(finals(resumed, resumed_cb)[0], finals(full, full_cb)[0])
     assert_identical(finals(resumed, resumed_cb)[1], finals(full, full_cb)[1])
+    for label in full_cb.labels:  # every average, in its own float32, not only the primary rounded into the model
+        got, want = resumed_cb.store.ema_tensors(resumed.model, label), full_cb.store.ema_tensors(full.model, label)
+        assert_identical(got, want)
+        assert all(t.dtype == torch.float32 for t in got.values())
 
 
 def test_stock_trainer_explicit_path_via_callback(tmp_path):
