@@ -22,10 +22,11 @@ from conftest import (
 )
 from helpers import build, eval_loss
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from hf_ema import EMAArguments, EMACallback, EMAStateError, EMATrainer
+from hf_ema.checkpoint import SIDECAR_NAME as SIDECAR
 from hf_ema.rules import SIGMA_REL_MAX, gamma_of_sigma_rel, sigma_rel_of_gamma
 
 TWO = EMAArguments(half_life=["4ba", "8ba"])
@@ -361,30 +362,89 @@ def test_resume_with_other_averages_is_refused(tmp_path):
         resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-8"))
 
 
-@pytest.mark.parametrize("form", ["whole", "sharded"])
-def test_format_version_1_checkpoints_still_resume_exactly(tmp_path, form):
-    """tests/fixtures/v1 was written by hf-ema 0.1.0 (tests/fixtures/make_v1.py): resuming its checkpoint-8 must end
-    where that version's uninterrupted run ended, bit for bit."""
-    fixtures = os.path.join(os.path.dirname(__file__), "fixtures", "v1")
-    shutil.copytree(os.path.join(fixtures, form, "checkpoint-8"), tmp_path / "checkpoint-8")
-    trainer, recorder, callback = build(
-        tmp_path,
-        EMAArguments(half_life="4ba"),
-        model=TinyModel(TinyConfig(with_norm=True)),
-        num_train_epochs=2,
-        save_strategy="steps",
-        save_steps=8,
+V1_FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "v1")
+V1_RUN = dict(num_train_epochs=2, save_strategy="steps", save_steps=8)
+
+
+def _v1_run(output_dir):
+    return build(output_dir, EMAArguments(half_life="4ba"), model=TinyModel(TinyConfig(with_norm=True)), **V1_RUN)
+
+
+def _final_tensors(callback, model):
+    return {f"ema/{n}": t.clone() for n, t in callback.store.ema_tensors(model).items()} | {
+        f"training/{n}": t.clone() for n, t in callback.store.training_tensors(model).items()
+    }
+
+
+def _assert_equal(actual, expected):
+    assert set(actual) == set(expected), (set(actual), set(expected))
+    for key, tensor in expected.items():
+        assert actual[key].dtype == tensor.dtype and torch.equal(actual[key], tensor), key
+
+
+def _as_format_1(checkpoint):
+    """Rewrites a checkpoint's format-2 EMA state (one average) the way hf-ema 0.1.0 wrote it: `ema/<name>` tensors
+    and the format-1 metadata (taken from the fixture, with this checkpoint's counters and fingerprint)."""
+    with safe_open(os.path.join(V1_FIXTURES, "whole", "checkpoint-8", SIDECAR), "pt") as handle:
+        template = json.loads(handle.metadata()["hf_ema"])
+    path = os.path.join(checkpoint, SIDECAR)
+    with safe_open(path, "pt") as handle:
+        meta = json.loads(handle.metadata()["hf_ema"])
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    assert meta["averages"] == ["4ba"] and meta["format_version"] == 2
+    old = {k: meta[k] for k in ("fingerprint", "flat_names", "global_step", "model_files", "schedule")}
+    save_file(
+        {key.replace("average/4ba/", "ema/"): t for key, t in tensors.items()},
+        path,
+        metadata={"hf_ema": json.dumps({**template, **old, "format_version": 1}, sort_keys=True)},
     )
-    trainer.train(resume_from_checkpoint=True)
-    expected = load_file(os.path.join(fixtures, "expected_final.safetensors"))
-    ema = callback.store.ema_tensors(trainer.model)
-    training = callback.store.training_tensors(trainer.model)
-    for name in ema:
-        assert torch.equal(ema[name], expected[f"ema/{name}"]), name
-        assert torch.equal(training[name], expected[f"training/{name}"]), name
-    # and it continues in format 2
-    with safe_open(tmp_path / "checkpoint-16" / "ema_state.safetensors", "pt") as handle:
+
+
+def test_format_version_1_checkpoint_resumes_as_the_uninterrupted_run(tmp_path):
+    """A format-1 EMA state (hf-ema 0.1.0) continues the run exactly: an uninterrupted run made here, its checkpoint-8
+    rewritten in format 1, resumed, ends bit for bit where the uninterrupted run ended (both on this machine: CPU
+    kernels differ between machines, so a run is never compared bit for bit with numbers stored elsewhere)."""
+    full, _, full_cb = _v1_run(tmp_path)
+    full.train()
+    expected = _final_tensors(full_cb, full.model)
+    shutil.rmtree(tmp_path / "checkpoint-16")
+    _as_format_1(tmp_path / "checkpoint-8")
+    resumed, _, resumed_cb = _v1_run(tmp_path)
+    resumed.train(resume_from_checkpoint=True)
+    _assert_equal(_final_tensors(resumed_cb, resumed.model), expected)
+    with safe_open(tmp_path / "checkpoint-16" / SIDECAR, "pt") as handle:  # and it continues in format 2
         assert json.loads(handle.metadata()["hf_ema"])["format_version"] == 2
+
+
+class _LoadedState(TrainerCallback):
+    """Records the EMA callback's averages and training weights as loaded, before the first step after resuming."""
+
+    def __init__(self, ema_callback):
+        self.ema_callback, self.loaded = ema_callback, None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if self.loaded is None:
+            self.loaded = _final_tensors(self.ema_callback, model)
+
+
+def test_format_version_1_fixture_checkpoints_load_exactly(tmp_path):
+    """tests/fixtures/v1 was written by hf-ema 0.1.0 (tests/fixtures/make_v1.py) on another machine. Both forms load
+    into exactly the tensors their files hold, continue to the same weights as each other, and end where that
+    machine's uninterrupted run ended, to the precision the CPU kernels of two machines agree on."""
+    stored = load_file(os.path.join(V1_FIXTURES, "expected_final.safetensors"))
+    with safe_open(os.path.join(V1_FIXTURES, "whole", "checkpoint-8", SIDECAR), "pt") as handle:
+        in_file = {key: handle.get_tensor(key) for key in handle.keys()}
+    finals = {}
+    for form in ("whole", "sharded"):
+        shutil.copytree(os.path.join(V1_FIXTURES, form, "checkpoint-8"), tmp_path / form / "checkpoint-8")
+        trainer, _, callback = _v1_run(tmp_path / form)
+        probe = _LoadedState(callback)
+        trainer.add_callback(probe)
+        trainer.train(resume_from_checkpoint=True)
+        _assert_equal(probe.loaded, in_file)
+        finals[form] = _final_tensors(callback, trainer.model)
+    _assert_equal(finals["sharded"], finals["whole"])
+    assert_close(finals["whole"], {key: t.double() for key, t in stored.items()}, rtol=1e-5, atol=1e-7)
 
 
 def test_stock_trainer_checkpoint_of_training_weights_after_an_evaluation(tmp_path):
