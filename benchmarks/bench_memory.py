@@ -101,8 +101,8 @@ def phase_swap_save(dtype_name: str) -> dict:
     store = store_holder["store"]
 
     def swap():
-        store.swap_in(model)
-        store.swap_out(model)
+        store.place_(model, store.primary)
+        store.place_(model, None)
 
     swap_extra = measure(swap)
     largest = max(p.numel() * p.element_size() for p in params)
@@ -111,7 +111,7 @@ def phase_swap_save(dtype_name: str) -> dict:
         args = TrainingArguments(out, use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True)
         callback = EMACallback(EMAArguments())
         trainer = Trainer(model=model, args=args, callbacks=[callback])
-        callback.model, callback.store = model, store
+        callback.averager.model, callback.averager.store = model, store
         callback.schedule.start(None, 0)
 
         def save_ema():

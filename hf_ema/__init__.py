@@ -1,10 +1,9 @@
 """hf-ema: exponential moving average of model weights for the Hugging Face Trainer."""
 
-__version__ = "0.1.0"
-
-from .arguments import EMAArguments  # noqa: E402
-from .checkpoint import EMAStateError  # noqa: E402
-from .core import compute_ema  # noqa: E402
+from ._version import __version__
+from .arguments import EMAArguments
+from .checkpoint import EMAStateError
+from .core import compute_ema
 
 __all__ = [
     "EMAArguments",

@@ -12,6 +12,9 @@ A checkpoint written with EMA holds its EMA state beside the model files, in one
   It loads at another world size too.
 
 Format 1 (hf-ema 0.1) held one average, as `ema/<name>`; it still loads (`average_prefixes`).
+
+This module is the one writer (`write_state`) and reader (`read_state`, `load_sharded_tensors`) of that format, for
+checkpoints and for post-hoc snapshots alike, and the only place that knows its tensor keys.
 """
 
 from __future__ import annotations
@@ -46,6 +49,96 @@ class Sidecar:
 
     meta: dict
     tensors: dict[str, torch.Tensor]
+
+
+def average_key(label: str, name: str, prefix: str | None = None) -> str:
+    """The key of an average's tensor in EMA-state files: `average/<label>/<name>` (format 2), or under the
+    `prefix` a file gives the average (`average_prefixes`: `ema` in format 1)."""
+    return f"{prefix if prefix is not None else f'average/{label}'}/{name}"
+
+
+def training_key(name: str) -> str:
+    """The key of a training tensor in EMA-state files."""
+    return f"training/{name}"
+
+
+def file_key(key: tuple[str | None, str], prefixes: Mapping[str, str] | None = None) -> str:
+    """The file key of a store key `(label, name)` (`(None, name)`: a training tensor)."""
+    label, name = key
+    if label is None:
+        return training_key(name)
+    return average_key(label, name, prefixes[label] if prefixes is not None else None)
+
+
+def write_state(
+    folder: str | os.PathLike,
+    meta: Mapping | None,
+    tensors: Mapping[tuple[str | None, str], torch.Tensor],
+    *,
+    sharded: bool,
+) -> str | None:
+    """Writes EMA state (a checkpoint's sidecar or a post-hoc snapshot) into `folder`: the one writer of the format.
+
+    `tensors` is keyed by `(label, name)`, `(None, name)` for training tensors (`EMAStore.state`). Whole tensors go
+    into `ema_state.safetensors`, written by the process given `meta` (the main process); sharded ones (DTensors,
+    `EMAStore.sharded_state`) into `ema_state/`, a collective every rank calls, the main process (given `meta`)
+    finishing the folder. Both are atomic. Returns the path written on the main process, else None.
+    """
+    keyed = {file_key(key): tensor for key, tensor in tensors.items()}
+    if sharded:
+        return save_sharded_sidecar(folder, meta, keyed)
+    return save_sidecar(folder, meta, keyed) if meta is not None else None
+
+
+@dataclass
+class StoredState:
+    """EMA state as `read_state` found it: its path, its metadata, whether it is sharded, and (whole) its tensors."""
+
+    path: str
+    meta: dict
+    sharded: bool
+    tensors: dict[str, torch.Tensor] | None = None
+
+    def whole(self, names: list[str], prefixes: Mapping[str, str], with_training: bool) -> dict:
+        """`{(label, name): tensor}` for each average (file prefixes by label) and, `with_training`, each training
+        tensor, from a whole sidecar; raises `EMAStateError` for what its metadata promises and it lacks."""
+        wanted = [(label, n) for label in prefixes for n in names] + (
+            [(None, n) for n in names] if with_training else []
+        )
+        missing = [file_key(key, prefixes) for key in wanted if file_key(key, prefixes) not in self.tensors]
+        if missing:
+            what = (
+                "says the model files hold EMA weights but has no training weights"
+                if all(key.startswith("training/") for key in missing)
+                else "lacks tensors its metadata promises"
+            )
+            raise EMAStateError(
+                f"{self.path} {what} ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); it is incomplete "
+                "or was edited."
+            )
+        return {key: self.tensors[file_key(key, prefixes)] for key in wanted}
+
+    def load_sharded(self, folder: str, state: dict, prefixes: Mapping[str, str]) -> None:
+        """Fills `state` (`{(label, name): tensor}`, `EMAStore.empty_sharded_state`) from a sharded sidecar, in
+        place; a collective every rank calls."""
+        keyed = {file_key(key, prefixes): tensor for key, tensor in state.items()}
+        load_sharded_tensors(folder, keyed)
+
+
+def read_state(folder: str | os.PathLike, tensors: bool = True) -> StoredState:
+    """Reads the EMA state in `folder` (either form, format 1 or 2; version checked), with its tensors when whole and
+    `tensors` (a sharded one is loaded into tensors laid out as this run holds them: `StoredState.load_sharded`).
+
+    Raises:
+        EMAStateError: missing, unreadable or corrupt, or written by a newer format version.
+    """
+    folder = os.fspath(folder)
+    if os.path.isdir(sharded_sidecar_path(folder)) and not os.path.isfile(sidecar_path(folder)):
+        return StoredState(sharded_sidecar_path(folder), read_sharded_meta(folder), sharded=True)
+    if not tensors:
+        return StoredState(sidecar_path(folder), read_meta(folder), sharded=False)
+    sidecar = load_sidecar(folder)
+    return StoredState(sidecar_path(folder), sidecar.meta, sharded=False, tensors=sidecar.tensors)
 
 
 def sidecar_path(checkpoint_dir: str | os.PathLike) -> str:
@@ -164,7 +257,7 @@ def read_sharded_meta(checkpoint_dir: str | os.PathLike) -> dict:
         raise EMAStateError(
             f"{path} is corrupt or truncated and cannot be read ({type(error).__name__}: {error})."
         ) from error
-    _check_version(sharded_sidecar_path(checkpoint_dir), meta)
+    check_version(sharded_sidecar_path(checkpoint_dir), meta)
     return meta
 
 
@@ -212,7 +305,7 @@ def load_sidecar(checkpoint_dir: str | os.PathLike, device: torch.device | str =
         raise EMAStateError(
             f"{path} is corrupt or truncated and cannot be read ({type(error).__name__}: {error})."
         ) from error
-    _check_version(path, meta)
+    check_version(path, meta)
     return Sidecar(meta=meta, tensors=tensors)
 
 
@@ -233,7 +326,7 @@ def read_meta(checkpoint_dir: str | os.PathLike) -> dict:
         raise EMAStateError(
             f"{path} is corrupt or truncated and cannot be read ({type(error).__name__}: {error})."
         ) from error
-    _check_version(path, meta)
+    check_version(path, meta)
     return meta
 
 
@@ -246,7 +339,7 @@ def average_prefixes(meta: Mapping) -> dict[str, str]:
     return {str(label).strip(): "ema"}
 
 
-def _check_version(path: str, meta: dict) -> None:
+def check_version(path: str, meta: dict) -> None:
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise EMAStateError(

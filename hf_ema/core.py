@@ -1,6 +1,10 @@
-"""Pure tensor math: the fused EMA update, the functional `compute_ema`, and in-place swaps.
+"""Tensor math: the fused EMA update, the functional `compute_ema`, and in-place swaps; and `watch`, which tells the
+update plans built here when a model's modules register new tensors.
 
-Imports only torch. The caller passes what changed (the smoothing of this update); nothing here keeps counters.
+Imports only torch. The caller passes what changed (the smoothing of this update); nothing here keeps counters. Not
+pure in one respect: the first `watch` installs torch's process-wide module registration hooks (parameter, module and
+buffer registrations, `torch.nn.modules.module.register_module_*_registration_hook`), which count registrations on
+the watched modules only and are never removed; every other module pays one dictionary lookup per registration.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from torch import Tensor, nn
 __all__ = [
     "UpdatePlan",
     "compute_ema",
-    "ema_update_",
     "exchange_",
     "first_non_finite",
     "watch",
@@ -265,29 +268,6 @@ class _Batch:
         for source, pair in self.strided:
             for average, weight in zip(pair, weights, strict=True):
                 average.lerp_(source.to(average.dtype), weight)
-
-
-@torch.no_grad()
-def ema_update_(shadow: Sequence[Tensor], current: Sequence[Tensor], smoothing: float) -> None:
-    """Moves each shadow tensor towards its live counterpart: `shadow = s * shadow + (1 - s) * current`.
-
-    Tensors are grouped by device and dtype and updated with fused multi-tensor kernels (`torch._foreach_*`); no
-    temporary the size of the model is made. The update is a lerp where dtypes match (a tensor that does not move stays
-    bit-exact). A float32 shadow of a 16-bit tensor is updated with a fused mul and a mixed-dtype add on CUDA, and on
-    other devices lerped towards the tensor upcast batch by batch through a 1 MiB scratch buffer (`SCRATCH_NUMEL`):
-    whichever measured faster there. A one-off call; updates repeated over the same tensors build an `UpdatePlan`
-    once instead.
-
-    Args:
-        shadow (`Sequence[Tensor]`): the averages, updated in place.
-        current (`Sequence[Tensor]`): the live tensors, same shapes, same order.
-        smoothing (`float`): `s` in [0, 1]; 1 leaves the shadow unchanged, 0 copies `current`.
-    """
-    if len(shadow) != len(current):
-        raise ValueError(f"ema_update_ got {len(shadow)} shadow tensors but {len(current)} current tensors.")
-    if not 0.0 <= smoothing <= 1.0:
-        raise ValueError(f"`smoothing` must be in [0, 1], got {smoothing}.")
-    UpdatePlan([shadow], current).run([smoothing])
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from .arguments import EMAArguments
 from .callback import EMACallback
-from .placement import TRAINING
+from .placement import TRAINING, Target
 
 EMA_TAGS = ["hf-ema", "ema"]
 
@@ -201,11 +201,11 @@ class EMAMixin:
             self._ema_in_passes = False
         return output
 
-    def _ema_other_passes(self, prefix: str) -> list[tuple[str | None, str]]:
+    def _ema_other_passes(self, prefix: str) -> list[tuple[Target, str]]:
         callback = self._ema_callback
         if not self._ema_evaluating or self._ema_in_passes or not callback.started or callback.placement.explicit:
             return []
-        passes: list[tuple[str | None, str]] = []
+        passes: list[tuple[Target, str]] = []
         if not (callback.training and self.ema_args.ema_eval_during_training == "primary"):
             passes += [(label, f"{prefix}_ema_{label}") for label in callback.labels[1:]]
         if self.ema_args.ema_eval_training_weights:

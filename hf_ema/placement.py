@@ -1,6 +1,7 @@
 """Which weights the model holds: the training weights or one average. One object decides, from one table.
 
-`Placement` owns the question. Its one operation is `place(target)`; everything else asks it:
+`Placement` owns the question. Its operations are `place(target)` and `forget()` (after the model's weights were
+replaced from outside); everything else asks it:
 
 - during `train()`, each Trainer hook looks up `HOOKS` for what the model must hold when the hook returns;
 - `ema_weights(label)` / `training_weights()` blocks are explicit and win over anything implicit inside them;
@@ -17,8 +18,19 @@ from torch import nn
 
 from .store import EMAStore
 
-TRAINING = None
+
+class Training:
+    """The training weights, as a placement target beside the averages' labels (`TRAINING`)."""
+
+    def __repr__(self) -> str:
+        return "TRAINING"
+
+
+TRAINING = Training()
 """`place(TRAINING)` puts the training weights in the model."""
+
+Target = str | Training
+"""What the model can hold: an average's label, or `TRAINING`."""
 
 # What the model holds when each hook returns, during train(). Hooks outside train() leave the model alone (after
 # training it holds the primary average, and the user's calls decide).
@@ -50,29 +62,36 @@ class Placement:
 
     def __init__(self, store: Callable[[], EMAStore | None], model: Callable[[], nn.Module | None]) -> None:
         self._store, self._model = store, model
-        self._explicit: list[str | None] = []  # the targets of the user's open explicit blocks, innermost last
+        self._explicit: list[Target] = []  # the targets of the user's open explicit blocks, innermost last
         self._implicit = 0  # open implicit blocks
 
     @property
-    def holds(self) -> str | None:
-        """The label of the average in the model, or None (`TRAINING`)."""
+    def holds(self) -> Target:
+        """The label of the average in the model, or `TRAINING`."""
         store = self._store()
-        return store.holds if store is not None else TRAINING
+        return store.holds if store is not None and store.holds is not None else TRAINING
 
     @property
     def explicit(self) -> bool:
         """Whether a user's explicit block is open (implicit placements then do nothing)."""
         return bool(self._explicit)
 
-    def place(self, target: str | None) -> None:
+    def place(self, target: Target) -> None:
         """Makes the model hold `target` (an average's label, or `TRAINING`). Before averaging starts, only the
         training weights exist and this does nothing."""
         store, model = self._store(), self._model()
         if store is None or model is None:
             return
-        store.place_(model, target)
+        store.place_(model, None if target is TRAINING else target)
 
-    def for_hook(self, hook: str, *, evaluates: bool, saves_ema: bool, best_pending: bool) -> str | None:
+    def forget(self) -> None:
+        """Records that the model's weights were replaced from outside (a checkpoint's model files loaded into it):
+        whatever average was in it is gone, and only a load of the EMA state may follow."""
+        store = self._store()
+        if store is not None:
+            store.discard_swap()
+
+    def for_hook(self, hook: str, *, evaluates: bool, saves_ema: bool, best_pending: bool) -> Target:
         """The target `HOOKS` gives for `hook`, resolved with the Trainer's intentions right after it."""
         rule = HOOKS[hook]
         primary = self.primary
@@ -83,12 +102,13 @@ class Placement:
         return primary if rule == "primary" else TRAINING
 
     @property
-    def primary(self) -> str | None:
+    def primary(self) -> Target:
+        """The primary average's label once averaging has started, else `TRAINING`."""
         store = self._store()
         return store.primary if store is not None else TRAINING
 
     @contextlib.contextmanager
-    def holding(self, target: str | None, explicit: bool) -> Iterator[None]:
+    def holding(self, target: Target, explicit: bool) -> Iterator[None]:
         """Runs the block with `target` in the model and puts back what was there before.
 
         An explicit block (the user's `ema_weights` / `training_weights`) always places, and restores on exit. An
@@ -116,7 +136,7 @@ class Placement:
                 self.place(before)
 
     @contextlib.contextmanager
-    def visiting(self, target: str | None) -> Iterator[None]:
+    def visiting(self, target: Target) -> Iterator[None]:
         """Places `target` for the block and puts back exactly what was there, whatever blocks are open: for a pass
         that looks at one more set of weights inside a wrapper (the other averages during an evaluation)."""
         before = self.holds

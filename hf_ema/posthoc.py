@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from . import __version__
+from ._version import __version__
 from .power import LeastSquares, PowerProfiles, expand_updates
 from .rules import SIGMA_REL_MAX, gamma_of_sigma_rel, sigma_rel_of_gamma, sigma_rel_of_half_life
 from .snapshots import PostHocError, Snapshot, list_snapshots, snapshot_dir

@@ -3,7 +3,7 @@
 A power-function average (`hf_ema.rules.PowerFunction`) updated at optimizer steps `t_1 < ... < t_N` after the start
 is a fixed linear combination of the training weights at those updates; so is every snapshot of it and every average
 asked for after training. `PowerProfiles` gives the inner products of such weightings in closed form, and
-`solve_coefficients` the least-squares combination of snapshots closest to a requested one (EDM2's post-hoc EMA,
+`LeastSquares` the least-squares combination of snapshots closest to a requested one (EDM2's post-hoc EMA,
 solved in the discrete setting rather than with EDM2's continuous approximation).
 """
 
@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 RCOND = 1e-13
-"""Eigenvalues of the normal equations below this fraction of the largest are dropped (`solve_coefficients`)."""
+"""Eigenvalues of the normal equations below this fraction of the largest are dropped (`LeastSquares`)."""
 
 
 # ---- the update times ----
@@ -161,10 +161,3 @@ class LeastSquares:
             x = x + self._null @ (self._vectors @ (projected / self._eigenvalues))
         error2 = norm2 - 2.0 * float(x @ rhs) + float(x @ self.gram @ x)
         return x, math.sqrt(max(error2, 0.0) / norm2)
-
-
-def solve_coefficients(
-    profiles: PowerProfiles, columns: Sequence[tuple[int, float]], target: tuple[int, float]
-) -> tuple[Tensor, float]:
-    """`LeastSquares(profiles, columns).solve(target)`: the coefficients of one target, and its residual."""
-    return LeastSquares(profiles, columns).solve(target)

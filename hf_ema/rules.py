@@ -1,7 +1,8 @@
 """Averaging rules: the schedule's counters -> the smoothing of one update. Pure: no torch, no transformers.
 
 Every rule is a small frozen dataclass called with the `Counters` of an update and returning the smoothing `s` of
-`ema = s * ema + (1 - s) * w` for it. A new rule is one class here plus the `EMAArguments` field that selects it.
+`ema = s * ema + (1 - s) * w` for it; it also describes itself for checkpoints (`describe()`) and says whether it reads
+the start of averaging (`needs_start`). A new rule is one class here plus the `EMAArguments` field that selects it.
 
 - `HalfLife`: Composer's rule, `s = 2 ** (-elapsed / half_life)` (the default).
 - `FixedSmoothing`: the same `s` at every update.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from .time import Clock, Time
 
@@ -50,7 +51,14 @@ class Counters:
 class Rule(Protocol):
     """Turns the counters of an update into its smoothing, in [0, 1]."""
 
+    needs_start: bool
+    """Whether it reads the steps since the start (which format-1 checkpoints did not record)."""
+
     def __call__(self, counters: Counters) -> float: ...
+
+    def describe(self) -> dict:
+        """A JSON-able description, for checkpoints and model cards."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -62,9 +70,13 @@ class HalfLife:
     """
 
     half_life: Time
+    needs_start: ClassVar[bool] = False
 
     def __call__(self, counters: Counters) -> float:
         return 2.0 ** (-counters.elapsed(self.half_life.unit) / self.half_life.value)
+
+    def describe(self) -> dict:
+        return {"rule": "half_life", "half_life": str(self.half_life)}
 
 
 @dataclass(frozen=True)
@@ -72,9 +84,13 @@ class FixedSmoothing:
     """The same smoothing at every update (not rescaled when the interval changes)."""
 
     smoothing: float
+    needs_start: ClassVar[bool] = False
 
     def __call__(self, counters: Counters) -> float:
         return self.smoothing
+
+    def describe(self) -> dict:
+        return {"rule": "smoothing", "smoothing": self.smoothing}
 
 
 @dataclass(frozen=True)
@@ -88,10 +104,14 @@ class Warmup:
     inner: Rule
     power: float
     inv_gamma: float = 1.0
+    needs_start: ClassVar[bool] = True
 
     def __call__(self, counters: Counters) -> float:
         warm = 1.0 - (1.0 + max(counters.steps, 0.0) / self.inv_gamma) ** -self.power
         return min(self.inner(counters), warm)
+
+    def describe(self) -> dict:
+        return {"rule": "warmup", "power": self.power, "inv_gamma": self.inv_gamma, "inner": self.inner.describe()}
 
 
 @dataclass(frozen=True)
@@ -104,12 +124,16 @@ class PowerFunction:
     """
 
     gamma: float
+    needs_start: ClassVar[bool] = True
 
     def __call__(self, counters: Counters) -> float:
         t = counters.steps
         if t <= 0:
             return 1.0
         return max(1.0 - counters.elapsed("ba") / t, 0.0) ** (self.gamma + 1.0)
+
+    def describe(self) -> dict:
+        return {"rule": "power_function", "gamma": self.gamma, "sigma_rel": sigma_rel_of_gamma(self.gamma)}
 
 
 def sigma_rel_of_gamma(gamma: float) -> float:
@@ -183,21 +207,3 @@ def sigma_rel_of_half_life(half_life: float, steps: float) -> float:
             "half-life, or for a later step."
         )
     return min(sigma_rel, SIGMA_REL_MAX)
-
-
-def describe(rule: Rule) -> dict:
-    """A JSON-able description of a rule, for checkpoints and model cards."""
-    if isinstance(rule, Warmup):
-        return {"rule": "warmup", "power": rule.power, "inv_gamma": rule.inv_gamma, "inner": describe(rule.inner)}
-    if isinstance(rule, HalfLife):
-        return {"rule": "half_life", "half_life": str(rule.half_life)}
-    if isinstance(rule, FixedSmoothing):
-        return {"rule": "smoothing", "smoothing": rule.smoothing}
-    if isinstance(rule, PowerFunction):
-        return {"rule": "power_function", "gamma": rule.gamma, "sigma_rel": sigma_rel_of_gamma(rule.gamma)}
-    return {"rule": type(rule).__name__}
-
-
-def needs_start(rule: Rule) -> bool:
-    """Whether the rule reads the steps since the start (which format-1 checkpoints did not record)."""
-    return isinstance(rule, (Warmup, PowerFunction))

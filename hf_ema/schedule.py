@@ -1,7 +1,8 @@
 """When the averages start and update, and with which smoothing. Pure: no torch, no transformers.
 
-The schedule is told the clock at the end of each optimizer step (and of each epoch) and answers what to do; the
-smoothing of each average comes from its rule (`hf_ema.rules`), given the schedule's counters.
+The schedule is told the clock at the end of each optimizer step (and of each epoch) and answers what to do: `START`,
+an `Update` with each average's smoothing, or None. The smoothing comes from each average's rule (`hf_ema.rules`),
+given the schedule's counters.
 """
 
 from __future__ import annotations
@@ -9,21 +10,33 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .rules import Counters, HalfLife, Rule, needs_start
+from .rules import Counters, Rule
 from .time import Clock, Time, reached
 
-START = "start"
-"""`EMASchedule.step` returns this when the averages are to be set to the current weights."""
+
+class Start:
+    """The answer of `EMASchedule.step` when the averages are to be set to the current weights (`START`)."""
+
+    def __repr__(self) -> str:
+        return "START"
 
 
-def smoothing_from_half_life(elapsed: float, half_life: float) -> float:
-    """Smoothing of one update after `elapsed` time, for a half-life in the same unit: `2 ** (-elapsed / half_life)`."""
-    return HalfLife(Time(half_life, "ba"))(Counters(Clock(ba=elapsed), Clock(), Clock()))
+START = Start()
+
+
+@dataclass(frozen=True)
+class Update:
+    """The answer of `EMASchedule.step` when every average moves towards the weights, each with its smoothing."""
+
+    smoothings: dict[str, float]
+
+
+Action = Start | Update | None
 
 
 @dataclass
 class EMASchedule:
-    """The EMA schedule of DESIGN.md section 2, with its counters, shared by every average.
+    """When averaging starts and updates (`ema_start`, `update_interval`), with its counters, shared by every average.
 
     Args:
         update_interval (`Time`): how much the clock must advance between updates.
@@ -50,7 +63,7 @@ class EMASchedule:
         """Whether averaging starts at train begin (Composer's schedule waits for the first update event)."""
         return self.ema_start.value == 0 and not self.composer
 
-    def step_composer(self, clock: Clock, step: int, event: str) -> str | dict[str, float] | None:
+    def step_composer(self, clock: Clock, step: int, event: str) -> Action:
         """Composer's `EMA.match`/`apply` at the end of a batch (`event="batch"`) or an epoch (`"epoch"`).
 
         Only the update event counts (batch ends for a `ba` interval, epoch ends for `ep`). There, averaging starts
@@ -70,16 +83,15 @@ class EMASchedule:
             return action
         self.last_clock, self.last_step = clock, step
         self.num_updates += 1
-        if action == START:
+        if action is START:
             return START
         previous = Clock(**{**clock.to_dict(), interval.unit: clock[interval.unit] - interval.value})
-        counters = Counters(now=clock, previous=previous, start=self.start_clock)
-        return {label: float(rule(counters)) for label, rule in self.rules.items()}
+        return self._update(Counters(now=clock, previous=previous, start=self.start_clock))
 
-    def step(self, clock: Clock, step: int) -> str | dict[str, float] | None:
+    def step(self, clock: Clock, step: int) -> Action:
         """Says what to do at the end of optimizer step `step` (`global_step`) with the clock at `clock`.
 
-        Returns `START` (set the averages to the current weights), `{label: smoothing}` (update each average with its
+        Returns `START` (set the averages to the current weights), an `Update` (move each average with its
         smoothing), or None (nothing to do). At most one action per step: asking twice for the same step (end of step,
         then end of epoch) answers None the second time.
         """
@@ -93,11 +105,13 @@ class EMASchedule:
         interval = self.update_interval
         if not reached(clock[interval.unit] - self.last_clock[interval.unit], interval.value):
             return None
-        counters = Counters(now=clock, previous=self.last_clock, start=self.start_clock)
-        smoothings = {label: float(rule(counters)) for label, rule in self.rules.items()}
+        update = self._update(Counters(now=clock, previous=self.last_clock, start=self.start_clock))
         self.last_clock, self.last_step = clock, step
         self.num_updates += 1
-        return smoothings
+        return update
+
+    def _update(self, counters: Counters) -> Update:
+        return Update({label: float(rule(counters)) for label, rule in self.rules.items()})
 
     def start(self, clock: Clock, step: int) -> None:
         """Marks the averages as started now (they are set to the current weights by the caller)."""
@@ -120,7 +134,7 @@ class EMASchedule:
         self.last_step = int(state["last_step"])
         self.num_updates = int(state["num_updates"])
         if self.started and self.start_clock is None:
-            if any(needs_start(rule) for rule in self.rules.values()):
+            if any(rule.needs_start for rule in self.rules.values()):
                 raise ValueError(
                     "the EMA state does not record when averaging started (format version 1), which the warmup and "
                     "power-function rules need"

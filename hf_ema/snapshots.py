@@ -10,7 +10,6 @@ update so far. `list_snapshots` and `Snapshot` read them back; `hf_ema.posthoc` 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -24,21 +23,21 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from . import __version__
+from ._version import __version__
 from .checkpoint import (
     EMAStateError,
+    average_key,
     average_prefixes,
     has_sidecar,
     load_sharded_tensors,
-    read_sharded_meta,
-    save_sharded_sidecar,
-    save_sidecar,
+    read_state,
     sharded_sidecar_path,
     sidecar_path,
+    write_state,
 )
 from .power import append_update, expand_updates
-from .rules import describe, sigma_rel_of_gamma
-from .store import EMAStore, average_key
+from .rules import sigma_rel_of_gamma
+from .store import EMAStore
 from .time import Clock, Time, parse_time
 
 logger = logging.getLogger(__name__)
@@ -105,16 +104,18 @@ class Snapshot:
         prefix = self.prefixes[label]
         if not self.sharded:
             with safe_open(self.file, framework="pt", device="cpu") as handle:
-                return {name: handle.get_tensor(f"{prefix}/{name}") for name in names}
+                return {name: handle.get_tensor(average_key(label, name, prefix)) for name in names}
         dtype = getattr(torch, self.meta["dtype"])
         flat = set(self.meta.get("flat_names") or [])
         shapes = {name: self.meta["fingerprint"][name][0] for name in names}
         state = {
-            f"{prefix}/{name}": torch.empty((math.prod(shapes[name]),) if name in flat else shapes[name], dtype=dtype)
+            average_key(label, name, prefix): torch.empty(
+                (math.prod(shapes[name]),) if name in flat else shapes[name], dtype=dtype
+            )
             for name in names
         }
         load_sharded_tensors(self.path, state)
-        return {name: state[f"{prefix}/{name}"].reshape(shapes[name]) for name in names}
+        return {name: state[average_key(label, name, prefix)].reshape(shapes[name]) for name in names}
 
 
 def snapshot_dir(output_dir: str | os.PathLike) -> str:
@@ -147,20 +148,13 @@ def read_snapshot(path: str | os.PathLike) -> Snapshot:
         PostHocError: the folder holds no snapshot, an unreadable one, or EMA state that is not a snapshot.
     """
     path = os.fspath(path)
-    sharded = not os.path.isfile(sidecar_path(path)) and os.path.isdir(sharded_sidecar_path(path))
     try:
-        if sharded:
-            meta = read_sharded_meta(path)
-        else:
-            with safe_open(sidecar_path(path), framework="pt", device="cpu") as handle:
-                meta = json.loads((handle.metadata() or {})["hf_ema"])
+        stored = read_state(path, tensors=False)  # the reader of EMA state: its format version checked too
     except EMAStateError as error:
-        raise PostHocError(f"Snapshot {path} cannot be read: {error}") from error
-    except Exception as error:  # safetensors raises its own types for truncated or garbled files
         raise PostHocError(
-            f"Snapshot {sidecar_path(path)} is corrupt or truncated and cannot be read ({type(error).__name__}: "
-            f"{error}). Delete that snapshot folder; synthesis uses the others."
+            f"Snapshot {path} cannot be read: {error} Delete that snapshot folder; synthesis uses the others."
         ) from error
+    meta, sharded = stored.meta, stored.sharded
     if meta.get("kind") != SNAPSHOT_KIND:
         raise PostHocError(f"{path} holds EMA state, not an hf-ema post-hoc snapshot.")
     if int(meta.get("snapshot_format", 0)) > SNAPSHOT_FORMAT:
@@ -348,17 +342,10 @@ class SnapshotWriter:
         self._written_step = step
         folder = os.path.join(self.folder, f"{SNAPSHOT_PREFIX}{step}")
         meta = self._meta(store, schedule, clock, step) if main else None
-        if sharded:
-            state = {key: tensor.to(self.dtype) for key, tensor in store.sharded_state(model, False).items()}
-            written = save_sharded_sidecar(folder, meta, state)
-        elif main:
-            tensors = {}
-            for label in store.labels:
-                ema = store.ema_tensors(model, label)
-                tensors.update({average_key(label, n): t.to(self.dtype) for n, t in ema.items()})
-            written = save_sidecar(folder, meta, tensors)
-        else:
+        if not sharded and not main:
             return None
+        state = store.sharded_state(model, False) if sharded else store.state(model, False)
+        written = write_state(folder, meta, {key: t.to(self.dtype) for key, t in state.items()}, sharded=sharded)
         if main:
             logger.info("EMA snapshot of step %d written to %s.", step, folder)
         return folder if main and written else None
@@ -380,7 +367,7 @@ class SnapshotWriter:
             "approximate_updates": self.approximate,
             "clock": clock.to_dict(),
             "averages": list(rules),
-            "rules": {label: describe(rule) for label, rule in rules.items()},
+            "rules": {label: rule.describe() for label, rule in rules.items()},
             "dtype": str(self.dtype).removeprefix("torch."),
             "fingerprint": store.fingerprint(),
             "flat_names": store.flat_names,

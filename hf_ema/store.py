@@ -53,9 +53,9 @@ def shadow_dtype(dtype: torch.dtype, policy: str) -> torch.dtype:
     return torch.float32 if dtype in SIXTEEN_BIT else dtype  # "auto"
 
 
-def average_key(label: str, name: str) -> str:
-    """The key of an average's tensor in EMA-state files (format 2)."""
-    return f"average/{label}/{name}"
+Key = tuple[str | None, str]
+"""`(label, name)` of an average's tensor, `(None, name)` of a training tensor: how the store hands out its state
+(`hf_ema.checkpoint` turns them into the keys of EMA-state files)."""
 
 
 class EMAStore:
@@ -284,16 +284,6 @@ class EMAStore:
         """The live tensors' metadata, which the plan depends on."""
         return [(t.shape, t.dtype, t.device) for t in self._sources]
 
-    @torch.no_grad()
-    def reset_(self, module: nn.Module) -> None:
-        """Sets every average to the module's current weights (the start of averaging)."""
-        self._require_training_in_model("reset the averages")
-        self.wait()
-        live = self._live(module)
-        for averages in self.averages.values():
-            for name, average in averages.items():
-                average.copy_(live[name])
-
     # ---- placing ----
 
     @torch.no_grad()
@@ -327,14 +317,6 @@ class EMAStore:
                 live[name].copy_(averages[name])
             self.holds = target
         self._refresh(module)
-
-    def swap_in(self, module: nn.Module, label: str | None = None) -> None:
-        """Puts an average (the primary by default) into `module` in place."""
-        self.place_(module, self._label(label))
-
-    def swap_out(self, module: nn.Module) -> None:
-        """Puts the training weights back into `module`, bit for bit."""
-        self.place_(module, None)
 
     def discard_swap(self) -> None:
         """Forgets that an average is in the model, after the model's weights were replaced from outside (a load).
@@ -382,16 +364,6 @@ class EMAStore:
                 tensors.append(tensor)
         return first_non_finite(names, tensors)
 
-    def full_ema(self, module: nn.Module, label: str | None = None) -> dict[str, Tensor]:
-        """An average's values as full tensors (gathering sharded ones: a collective every rank must call)."""
-        tracked, ema = self._tracked(module), self.ema_tensors(module, label)
-        return {n: self.layouts[n].gather(tracked[n], ema[n]) for n in self._names}
-
-    def full_training(self, module: nn.Module) -> dict[str, Tensor]:
-        """The training values as full tensors (gathering sharded ones: a collective every rank must call)."""
-        tracked, training = self._tracked(module), self.training_tensors(module)
-        return {n: self.layouts[n].gather(tracked[n], training[n]) for n in self._names}
-
     @torch.no_grad()
     def copy_ema_to(self, target: nn.Module, source: nn.Module, label: str | None = None) -> None:
         """Writes an average (rounded to `target`'s dtypes) into `target`, a copy of `source`."""
@@ -431,24 +403,35 @@ class EMAStore:
 
     # ---- sharded checkpoints ----
 
-    def sharded_state(self, module: nn.Module, with_training: bool) -> dict[str, Tensor]:
-        """`average/<label>/<name>` (and `training/<name>`) as DTensors over this rank's tensors, no copy: what a
-        sharded EMA state saves (torch.distributed.checkpoint). Replicated tensors stay plain."""
-        tracked = self._tracked(module)
+    def state(self, module: nn.Module, with_training: bool) -> dict[Key, Tensor]:
+        """Every average's tensors (and the training tensors, `with_training`) as this rank holds them, no copy:
+        what a whole EMA state saves. Do not modify."""
         state = {}
         for label in self.labels:
-            ema = self.ema_tensors(module, label)
-            state.update({average_key(label, n): self.layouts[n].as_dtensor(tracked[n], ema[n]) for n in self._names})
+            state.update({(label, n): t for n, t in self.ema_tensors(module, label).items()})
         if with_training:
-            training = self.training_tensors(module)
-            state.update({f"training/{n}": self.layouts[n].as_dtensor(tracked[n], training[n]) for n in self._names})
+            state.update({(None, n): t for n, t in self.training_tensors(module).items()})
         return state
 
-    def empty_sharded_state(
-        self, module: nn.Module, prefixes: Mapping[str, str], with_training: bool, saved_flat: list[str]
-    ) -> dict[str, Tensor]:
-        """Tensors for a sharded EMA state to be loaded into, newly allocated, keyed as in the file:
-        `<prefixes[label]>/<name>` for each average and `training/<name>`.
+    def full_state(self, module: nn.Module, with_training: bool) -> dict[Key, Tensor]:
+        """`state()` with sharded tensors gathered whole (a collective every rank must call)."""
+        tracked = self._tracked(module)
+        return {
+            key: self.layouts[key[1]].gather(tracked[key[1]], t)
+            for key, t in self.state(module, with_training).items()
+        }
+
+    def sharded_state(self, module: nn.Module, with_training: bool) -> dict[Key, Tensor]:
+        """`state()` as DTensors over this rank's tensors, no copy: what a sharded EMA state saves
+        (torch.distributed.checkpoint). Replicated tensors stay plain."""
+        tracked = self._tracked(module)
+        return {
+            key: self.layouts[key[1]].as_dtensor(tracked[key[1]], t)
+            for key, t in self.state(module, with_training).items()
+        }
+
+    def empty_sharded_state(self, module: nn.Module, with_training: bool, saved_flat: list[str]) -> dict[Key, Tensor]:
+        """Tensors for a sharded EMA state to be loaded into, newly allocated, keyed as `state()`.
 
         A tensor saved in the layout this run holds it in (both flat ZeRO-3 partitions, or both shaped) loads as this
         rank's shard, resharded by DCP. One saved in the other layout (FSDP2 to ZeRO-3, ZeRO-3 to one device ...)
@@ -459,32 +442,30 @@ class EMAStore:
         state = {}
         for name in self._names:
             layout = self.layouts[name]
-            kinds = [(prefix, self.averages[label][name]) for label, prefix in prefixes.items()]
-            kinds += [("training", live[name])] if with_training else []
-            for prefix, local in kinds:
+            kinds = [(label, self.averages[label][name]) for label in self.labels]
+            kinds += [(None, live[name])] if with_training else []
+            for label, local in kinds:
                 if layout.flat == (name in saved_flat):
-                    state[f"{prefix}/{name}"] = layout.as_dtensor(tracked[name], torch.zeros_like(local))
+                    state[label, name] = layout.as_dtensor(tracked[name], torch.zeros_like(local))
                 else:
                     shape = (math.prod(self.global_shapes[name]),) if name in saved_flat else self.global_shapes[name]
-                    state[f"{prefix}/{name}"] = torch.zeros(shape, dtype=local.dtype, device=local.device)
+                    state[label, name] = torch.zeros(shape, dtype=local.dtype, device=local.device)
         return state
 
     @torch.no_grad()
-    def load_sharded_(
-        self, module: nn.Module, state: Mapping[str, Tensor], prefixes: Mapping[str, str], saved_flat: list[str]
-    ) -> None:
+    def load_sharded_(self, module: nn.Module, state: Mapping[Key, Tensor], saved_flat: list[str]) -> None:
         """Restores every average (and the training weights when `state` has them) from a loaded
         `empty_sharded_state`."""
         tracked, saved_flat = self._tracked(module), set(saved_flat)
 
         def local(name: str, label: str | None) -> Tensor:
-            loaded = state[f"{'training' if label is None else prefixes[label]}/{name}"]
+            loaded = state[label, name]
             layout = self.layouts[name]
             if layout.flat == (name in saved_flat):
                 return layout.from_dtensor(tracked[name], loaded)
             return layout.shard(tracked[name], loaded.reshape(self.global_shapes[name]))
 
-        self._restore_(module, local, with_training=any(key.startswith("training/") for key in state))
+        self._restore_(module, local, with_training=any(label is None for label, _ in state))
 
     @torch.no_grad()
     def _restore_(self, module: nn.Module, local: Callable[[str, str | None], Tensor], with_training: bool) -> None:

@@ -294,7 +294,7 @@ def test_late_save_request_gets_an_honest_checkpoint(tmp_path, caplog):
         train_dataset=RegressionDataset(32),
         callbacks=[recorder, callback, LateSave()],
     )
-    with caplog.at_level(logging.WARNING, logger="hf_ema.callback"):
+    with caplog.at_level(logging.WARNING, logger="hf_ema"):
         trainer.train()
     assert "checkpoint-4 holds the training weights" in caplog.text
     folder = tmp_path / "checkpoint-4"

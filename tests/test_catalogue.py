@@ -278,21 +278,20 @@ def zero3_nvme(tmp_path):
 
 
 def sharded_state_missing_shard(tmp_path):
-    from types import SimpleNamespace
-
-    from hf_ema.checkpoint import save_sharded_sidecar
-    from hf_ema.store import EMAStore
+    from hf_ema.averager import Averager
+    from hf_ema.resume import resume
     from hf_ema.time import Clock
 
     model = TinyModel(TinyConfig())
-    callback = EMACallback(EMAArguments(half_life="4ba"))
-    callback.model, callback.store = model, EMAStore(model, labels=["4ba"])
-    callback.schedule.start(Clock(), 0)
-    meta = callback._sidecar_meta(SimpleNamespace(global_step=8), holds="4ba")
+    averager = Averager(EMAArguments(half_life="4ba"))
+    averager.reset(model, sharded=True)  # one process: DCP writes plain tensors
+    averager.start(Clock(), 0)
     folder = tmp_path / "checkpoint-8"
-    save_sharded_sidecar(folder, meta, callback.store.sharded_state(model, True))  # one process: plain tensors
+    averager.save(str(folder), 8, main=True, holds="4ba")
     (folder / "ema_state" / "__0_0.distcp").unlink()
-    EMACallback(EMAArguments(half_life="4ba"))._resume(make_args(tmp_path), SimpleNamespace(global_step=8), model)
+    resumed = Averager(EMAArguments(half_life="4ba"))
+    resumed.reset(model, sharded=False)
+    resume(resumed, str(folder), True, None, 8, Clock(ba=8))
 
 
 def zero3_copy(tmp_path):
@@ -300,7 +299,7 @@ def zero3_copy(tmp_path):
 
     model = fake_zero3(TinyModel(TinyConfig()))
     callback = EMACallback(EMAArguments(half_life="4ba"))
-    callback.model, callback.store = model, EMAStore(model)
+    callback.averager.model, callback.averager.store = model, EMAStore(model)
     callback.ema_model()
 
 

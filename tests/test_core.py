@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 from hf_ema import compute_ema
-from hf_ema.core import ema_update_, exchange_, tracked_tensors
-from hf_ema.schedule import smoothing_from_half_life
+from hf_ema.core import UpdatePlan, exchange_, tracked_tensors
+from hf_ema.rules import Counters, HalfLife
 from hf_ema.store import EMAStore
+from hf_ema.time import Clock, Time
 
 
 class Net(nn.Module):
@@ -48,8 +49,11 @@ def test_tracked_tensors_selection():
 
 
 def test_smoothing_from_half_life():
-    assert smoothing_from_half_life(10, 10) == 0.5
-    assert smoothing_from_half_life(1, 1000) == pytest.approx(0.5 ** (1 / 1000), rel=1e-15)
+    def smoothing(elapsed, half_life):
+        return HalfLife(Time(half_life, "ba"))(Counters(Clock(ba=elapsed), Clock(), Clock()))
+
+    assert smoothing(10, 10) == 0.5
+    assert smoothing(1, 1000) == pytest.approx(0.5 ** (1 / 1000), rel=1e-15)
 
 
 def test_compute_ema_matches_float64_reference():
@@ -100,9 +104,9 @@ def test_compute_ema_rejects_mismatch():
         compute_ema(nn.Linear(2, 2), nn.Linear(2, 2), 1.5)
 
 
-def test_ema_update_constant_tensor_stays_exact():
+def test_update_of_a_constant_tensor_stays_exact():
     shadow = [torch.full((5,), 0.1)]
-    ema_update_(shadow, [torch.full((5,), 0.1)], 0.3)
+    UpdatePlan([shadow], [torch.full((5,), 0.1)]).run([0.3])
     assert torch.equal(shadow[0], torch.full((5,), 0.1))
 
 
@@ -124,12 +128,12 @@ def test_store_swap_round_trip_is_bit_exact(dtype, policy):
     store.update_(model, 0.7)
     before = {n: t.clone() for n, t, _ in tracked_tensors(model)}
     pointers = {n: t.data_ptr() for n, t, _ in tracked_tensors(model)}
-    store.swap_in(model)
+    store.place_(model, store.primary)
     for name, tensor, kind in tracked_tensors(model):
         if kind == "average":
             assert torch.equal(tensor, store.ema_tensors(model)[name].to(dtype))
             assert torch.equal(store.training_tensors(model)[name], before[name])
-    store.swap_out(model)
+    store.place_(model, None)
     for name, tensor, _ in tracked_tensors(model):
         assert torch.equal(tensor, before[name]), name
         assert tensor.data_ptr() == pointers[name]

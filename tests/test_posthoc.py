@@ -20,10 +20,10 @@ from helpers import build
 from safetensors import safe_open
 from transformers import HfArgumentParser, TrainingArguments
 
-from hf_ema import EMAArguments, EMACallback, posthoc
+from hf_ema import EMAArguments, guards, posthoc
 from hf_ema.checkpoint import save_sharded_sidecar
 from hf_ema.posthoc import PostHocError
-from hf_ema.power import PowerProfiles, expand_updates, solve_coefficients
+from hf_ema.power import LeastSquares, PowerProfiles, expand_updates
 from hf_ema.rules import (
     SIGMA_REL_MAX,
     gamma_of_sigma_rel,
@@ -180,7 +180,7 @@ def test_coefficients_of_a_tracked_average_are_its_own():
     profiles = PowerProfiles(torch.arange(1, 65, dtype=torch.float64))
     gammas = [gamma_of_sigma_rel(s) for s in TRACKED]
     columns = [(n, g) for n in range(8, 65, 8) for g in gammas]
-    x, residual = solve_coefficients(profiles, columns, (64, gammas[1]))
+    x, residual = LeastSquares(profiles, columns).solve((64, gammas[1]))
     expected = torch.zeros(len(columns), dtype=torch.float64)
     expected[columns.index((64, gammas[1]))] = 1.0
     torch.testing.assert_close(x, expected, rtol=0, atol=1e-9)
@@ -188,7 +188,7 @@ def test_coefficients_of_a_tracked_average_are_its_own():
     # An untracked one: the constraints hold (weights sum to 1, the mean age is the target's), and the residual is
     # the L2 error of the weightings, computed directly.
     target = (64, gamma_of_sigma_rel(0.07))
-    x, residual = solve_coefficients(profiles, columns, target)
+    x, residual = LeastSquares(profiles, columns).solve(target)
     vectors = torch.stack([profiles.dense(n, g) for n, g in columns], 1)
     wanted = profiles.dense(*target)
     assert x.sum().item() == pytest.approx(1.0, abs=1e-12)
@@ -410,7 +410,7 @@ def test_sharded_snapshots_give_the_same_synthesis(run, tmp_path, monkeypatch):
     """The sharded path (FSDP2, ZeRO-3) in one process: each snapshot written with torch.distributed.checkpoint, as
     checkpoints' sharded EMA state is, and read back here whatever the world size it was written at."""
     folder, _ = run
-    monkeypatch.setattr(EMACallback, "_check_backend", lambda self, args, model: "sharded")
+    monkeypatch.setattr(guards, "backend_layout", lambda args, model, bound: "sharded")
     train(tmp_path)
     snapshot = tmp_path / "ema_snapshots" / "snapshot-64"
     assert sorted(os.listdir(snapshot / "ema_state")) == [".metadata", "__0_0.distcp", "hf_ema.json"]

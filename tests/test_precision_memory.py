@@ -152,9 +152,9 @@ def test_asynchronous_store_is_bit_identical(dtype, labels):
         if step == 2:
             training = model.linear.weight.detach().clone()
             for label in labels:
-                overlapped.swap_in(model, label)
+                overlapped.place_(model, label)
                 assert torch.equal(model.linear.weight, direct.averages[label]["linear.weight"].to(dtype))
-            overlapped.swap_out(model)
+            overlapped.place_(model, None)
             assert torch.equal(model.linear.weight, training)
     for label in labels:
         for name, value in direct.ema_tensors(model, label).items():

@@ -174,7 +174,7 @@ def test_non_finite_updates_skipped_on_request(tmp_path, caplog):
         save_steps=8,
     )
     trainer.callback_handler.callbacks.insert(0, PoisonAt(6))
-    with caplog.at_level(logging.WARNING, logger="hf_ema.callback"):
+    with caplog.at_level(logging.WARNING, logger="hf_ema"):
         trainer.train()
     assert "Step 6: training tensor 'linear.weight' holds NaN or Inf" in caplog.text
     assert callback.num_updates == 5  # steps 1-5; every later step is skipped
@@ -252,7 +252,7 @@ def test_changed_settings_on_resume_warn(tmp_path, caplog):
     )
     full.train()
     resumed, _, callback = build(tmp_path, EMAArguments(half_life="8ba"), num_train_epochs=2)
-    with caplog.at_level(logging.WARNING, logger="hf_ema.callback"):
+    with caplog.at_level(logging.WARNING, logger="hf_ema"):
         resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-8"))
     assert "The EMA settings differ" in caplog.text and "'half_life': '8ba'" in caplog.text
     assert callback.num_updates == 16  # the counters carried over
@@ -260,7 +260,7 @@ def test_changed_settings_on_resume_warn(tmp_path, caplog):
 
 def test_evaluate_before_training_says_so_once(tmp_path, caplog):
     trainer, _, _ = build(tmp_path, EMAArguments(half_life="4ba"))
-    with caplog.at_level(logging.INFO, logger="hf_ema.callback"):
+    with caplog.at_level(logging.INFO, logger="hf_ema"):
         trainer.evaluate()
         trainer.evaluate()
     assert caplog.text.count("EMA averaging has not started yet; using the training weights.") == 1

@@ -9,7 +9,7 @@ from packaging.version import Version
 from transformers import Trainer, TrainerCallback, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from hf_ema import callback as callback_module
+from hf_ema import resume as resume_module
 
 TRANSFORMERS_MAJOR = Version(transformers.__version__).major
 
@@ -49,12 +49,12 @@ def test_callback_hooks_and_state_fields():
 
 
 def test_checkpoint_folder_name_and_skipped_steps():
-    assert callback_module.PREFIX_CHECKPOINT_DIR == PREFIX_CHECKPOINT_DIR
+    assert resume_module.PREFIX_CHECKPOINT_DIR == PREFIX_CHECKPOINT_DIR
     assert isinstance(inspect.getattr_static(AcceleratedOptimizer, "step_was_skipped"), property)
 
 
 def test_deepspeed_config_is_read_by_name(tmp_path):
-    """callback.deepspeed_config reads TrainingArguments.hf_deepspeed_config; check it on a real TrainingArguments."""
+    """guards.deepspeed_config reads TrainingArguments.hf_deepspeed_config; check it on a real TrainingArguments."""
     __import__("pytest").importorskip("deepspeed")
     import gc
     import os
@@ -62,7 +62,7 @@ def test_deepspeed_config_is_read_by_name(tmp_path):
     from transformers import TrainingArguments
     from transformers.integrations import deepspeed as hf_deepspeed
 
-    from hf_ema.callback import deepspeed_config
+    from hf_ema.guards import deepspeed_config
 
     environment = dict(os.environ)  # TrainingArguments(deepspeed=...) sets ACCELERATE_USE_DEEPSPEED on 4.x
     try:

@@ -205,8 +205,8 @@ def test_store_follows_replaced_and_recast_tensors():
     store.update_(model, 0.5)
     step(reference, model, 0.5)
     model.to(torch.bfloat16)  # cast through `.data`; a placement (evaluation, save) makes the next update check
-    store.swap_in(model)
-    store.swap_out(model)
+    store.place_(model, store.primary)
+    store.place_(model, None)
     nudge(model, 1)
     store.update_(model, 0.5)
     step(reference, model, 0.5)

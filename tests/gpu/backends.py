@@ -115,7 +115,11 @@ def main(backend: str, out: str, resume_from: str | None) -> None:
         result["ema_ms_per_step"] = 1000 * ema / len(timed)
         result["overhead"] = ema / (whole - ema)
         ema_now = watched(trainer.model)  # the model holds the EMA after train(), rounded to its dtype
-        full = callback.store.full_ema(trainer.model)  # full precision (float32), gathered
+        full = {
+            n: t
+            for (label, n), t in callback.store.full_state(trainer.model, False).items()
+            if label == callback.primary_label
+        }  # full precision (float32), gathered
         ema_full = {n: full[n].to("cpu", torch.float64) for n in NAMES}
         del full
         with callback.training_weights(trainer.model):
@@ -141,7 +145,7 @@ def main(backend: str, out: str, resume_from: str | None) -> None:
                 for k, now in (("ema", ema_full), ("training", training_now))
                 for n in NAMES
             )
-        result["sharded"] = callback._sharded
+        result["sharded"] = callback.averager.sharded
         result["local_elements"] = callback.store.numel()
         result["checkpoint_files"] = sorted(os.listdir(os.path.join(out, f"checkpoint-{STEPS}")))
         if backend == "fsdp2":  # the HF recipe for a loadable model after sharded training

@@ -16,7 +16,7 @@ from conftest import TinyConfig, TinyModel, assert_close, reference_ema, state_o
 from helpers import build  # noqa: E402
 
 from hf_ema import EMAArguments  # noqa: E402
-from hf_ema.core import ema_update_  # noqa: E402
+from hf_ema.core import UpdatePlan  # noqa: E402
 from hf_ema.store import EMAStore  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -28,14 +28,15 @@ def test_update_and_swap_never_synchronise_with_the_host():
     store = EMAStore(model, "auto")
     same = [torch.randn(1000, device="cuda") for _ in range(4)]
     live = [torch.randn(1000, device="cuda") for _ in range(4)]
+    plan = UpdatePlan([same], live)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
             store.update_(model, 0.99)
-            ema_update_(same, live, 0.9)
-        store.swap_in(model)
-        store.swap_out(model)
+            plan.run([0.9])
+        store.place_(model, store.primary)
+        store.place_(model, None)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(t.dtype == torch.float32 and t.is_cuda for t in store.shadow.values())
