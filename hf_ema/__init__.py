@@ -4,8 +4,10 @@ from ._version import __version__
 from .arguments import EMAArguments
 from .checkpoint import EMAStateError
 from .core import compute_ema
+from .ema import EMA
 
 __all__ = [
+    "EMA",
     "EMAArguments",
     "EMACallback",
     "EMAMixin",

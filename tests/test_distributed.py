@@ -93,8 +93,8 @@ def test_fsdp2_shard_local_average(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
     callback = EMACallback(EMAArguments(half_life=["4ba", "8ba"]))
-    callback.model = model
-    callback._load_state(str(tmp_path), model, expected_step=6)
+    callback.averager.reset(model, sharded=False)
+    callback.averager.load(str(tmp_path), expected_step=6)
     assert_close(
         {n: t.double() for n, t in callback.store.ema_tensors(model).items()}, ranks[0]["full_ema"], rtol=0, atol=0
     )
@@ -247,7 +247,8 @@ def test_deepspeed_zero(tmp_path, stage, kind, also_resume):
     if sharded:  # the sharded state of 2 ranks loads into a plain model in one process (DCP reshards)
         model = TinyModel(TinyConfig())
         callback = EMACallback(EMAArguments(half_life=["4ba", "8ba"], update_interval="3ba"))
-        callback._load_state(str(folder), model, expected_step=8)
+        callback.averager.reset(model, sharded=False)
+        callback.averager.load(str(folder), expected_step=8)
         for label, key in (("4ba", "ema"), ("8ba", "ema_8ba")):
             loaded = callback.store.ema_tensors(model, label)
             assert_close({n: t.double() for n, t in loaded.items()}, ranks[0][key], rtol=0, atol=0)
@@ -260,3 +261,31 @@ def test_deepspeed_zero(tmp_path, stage, kind, also_resume):
         for key in ("ema", "ema_8ba", "training"):
             for name, value in ranks[rank][key].items():
                 assert torch.equal(resumed[key][name], value), (key, name)
+
+
+def test_ema_object_in_an_accelerate_loop_under_ddp(tmp_path):
+    torchrun("ema_loop_ddp", str(tmp_path))
+    ranks = [torch.load(tmp_path / f"ema-loop-rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert all(r["world_size"] == 2 and r["updates"] == 4 for r in ranks)
+    for label, half_life in (("4ba", 4), ("8ba", 8)):
+        expected = reference_ema(ranks[0]["weights"], 0, [(k, 2 ** (-2 / half_life)) for k in (2, 4, 6, 8)])
+        for r in ranks:  # every rank keeps the same averages, equal to the reference
+            assert_close(r["averages"][label], expected)
+            assert_close(r["resumed"][label], r["averages"][label], rtol=0, atol=0)  # save_state/load_state at 4
+        assert_close(ranks[1]["averages"][label], ranks[0]["averages"][label], rtol=0, atol=0)
+    assert all(r["resumed_updates"] == 4 for r in ranks)
+
+
+def test_ema_object_on_an_fsdp2_model(tmp_path):
+    torchrun("ema_loop_fsdp2", str(tmp_path))
+    ranks = [torch.load(tmp_path / f"ema-fsdp2-rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert ranks[0]["local"]["0.weight"] == (4, 6)  # shard-local: half of the (8, 6) weight per rank
+    for label, half_life in (("4ba", 4), ("8ba", 8)):
+        expected = reference_ema(ranks[0]["weights"], 0, [(k, 2 ** (-1 / half_life)) for k in range(1, 7)])
+        for r in ranks:
+            assert_close(r["full"][label], expected)
+            assert_close(r["reloaded"][label], r["full"][label], rtol=0, atol=0)  # state_dict round trip
+    assert ranks[0]["steps"] == 6
+    saved = load_file(tmp_path / "ema-fsdp2" / "model.safetensors")  # gathered, written by rank 0
+    assert_close({n: t.double() for n, t in saved.items() if n in ranks[0]["full"]["4ba"]}, ranks[0]["full"]["4ba"])
+    assert set(saved) == set(ranks[0]["full"]["4ba"])

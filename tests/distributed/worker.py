@@ -3,6 +3,8 @@
 python -m torch.distributed.run --nproc_per_node 2 tests/distributed/worker.py ddp OUT KIND [RESUME_FROM]
 python -m torch.distributed.run --nproc_per_node 2 tests/distributed/worker.py fsdp2 OUT
 python -m torch.distributed.run --nproc_per_node 2 tests/distributed/worker.py fsdp2_snapshots OUT
+python -m torch.distributed.run --nproc_per_node 2 tests/distributed/worker.py ema_loop_ddp OUT
+python -m torch.distributed.run --nproc_per_node 2 tests/distributed/worker.py ema_loop_fsdp2 OUT
 DS_ACCELERATOR=cpu python -m torch.distributed.run --nproc_per_node 2 tests/distributed/worker.py deepspeed OUT STAGE KIND
 """
 
@@ -10,7 +12,6 @@ from __future__ import annotations
 
 import os
 import sys
-from types import SimpleNamespace
 
 import torch
 
@@ -20,6 +21,11 @@ from conftest import Recorder, TinyConfig, TinyModel, make_args, state_of  # noq
 
 # Both Trainer workers: 2 epochs, a checkpoint every 4 steps, an evaluation every 2.
 SCHEDULE = dict(num_train_epochs=2, save_strategy="steps", save_steps=4, eval_strategy="steps", eval_steps=2)
+
+
+def full_tensors(store, model, label: str | None) -> dict[str, torch.Tensor]:
+    """An average's tensors (`label`; None: the training weights) gathered whole, in float64 (a collective)."""
+    return {n: t.double() for (lb, n), t in store.full_state(model, label is None).items() if lb == label}
 
 
 def ddp(out: str, kind: str, resume_from: str | None) -> None:
@@ -50,8 +56,8 @@ def fsdp2(out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    from hf_ema import EMAArguments, EMACallback
-    from hf_ema.store import EMAStore
+    from hf_ema import EMAArguments
+    from hf_ema.averager import Averager
     from hf_ema.time import Clock
 
     dist.init_process_group("gloo")
@@ -70,11 +76,11 @@ def fsdp2(out: str) -> None:
 
     model = build()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    callback = EMACallback(EMAArguments(half_life=["4ba", "8ba"]))
-    callback.model = model
-    callback.store = EMAStore(model, labels=callback.labels)
-    callback.schedule.start(Clock(), 0)
-    local_before = {n: t.clone() for n, t in callback.store.shadow.items()}
+    averager = Averager(EMAArguments(half_life=["4ba", "8ba"]))
+    averager.reset(model, sharded=True)
+    averager.start(Clock(), 0)
+    store = averager.store
+    local_before = {n: t.clone() for n, t in store.shadow.items()}
     weights = {0: full_weights(model)}
     generator = torch.Generator().manual_seed(rank)
     for step in range(1, 7):
@@ -83,29 +89,27 @@ def fsdp2(out: str) -> None:
         optimizer.step()
         optimizer.zero_grad()
         weights[step] = full_weights(model)
-        callback.store.update_(model, {"4ba": 0.7, "8ba": 0.9})
-    local_shapes = {n: tuple(t.shape) for n, t in callback.store.shadow.items()}
-    full_ema = {n: t.double() for n, t in callback.store.full_ema(model).items()}
-    full_ema_8ba = {n: t.double() for n, t in callback.store.full_ema(model, "8ba").items()}
+        store.update_(model, {"4ba": 0.7, "8ba": 0.9})
+    local_shapes = {n: tuple(t.shape) for n, t in store.shadow.items()}
+    full_ema, full_ema_8ba = full_tensors(store, model, "4ba"), full_tensors(store, model, "8ba")
 
-    callback.store.swap_in(model)
+    store.place_(model, "4ba")
     swapped = full_weights(model)
-    callback.store.swap_in(model, "8ba")  # from one average straight to the other
+    store.place_(model, "8ba")  # from one average straight to the other
     swapped_8ba = full_weights(model)
-    callback.store.swap_out(model)
+    store.place_(model, None)
     restored = full_weights(model)
 
-    args = SimpleNamespace(should_save=rank == 0, process_index=rank)
-    with callback.ema_weights(model):  # as for a checkpoint whose model files hold the EMA: training weights kept too
-        path = callback.save_state(out, args, SimpleNamespace(global_step=6))
+    with averager.ema_weights(model):  # as for a checkpoint whose model files hold the EMA: training weights kept too
+        path = averager.save(out, 6, main=rank == 0)
     dist.barrier()  # rank 0 writes; the others read it next (a resuming run starts after the save, as here)
 
     fresh = build()
-    resumed = EMACallback(EMAArguments(half_life=["4ba", "8ba"]))
-    resumed.model = fresh
-    resumed._load_state(out, fresh, expected_step=6)
-    reloaded_ema = {n: t.double() for n, t in resumed.store.full_ema(fresh).items()}
-    reloaded_ema_8ba = {n: t.double() for n, t in resumed.store.full_ema(fresh, "8ba").items()}
+    resumed = Averager(EMAArguments(half_life=["4ba", "8ba"]))
+    resumed.reset(fresh, sharded=True)
+    resumed.load(out, expected_step=6)
+    reloaded_ema = full_tensors(resumed.store, fresh, "4ba")
+    reloaded_ema_8ba = full_tensors(resumed.store, fresh, "8ba")
     reloaded_training = full_weights(fresh)
     torch.save(
         {
@@ -118,7 +122,7 @@ def fsdp2(out: str) -> None:
             "restored": restored,
             "local_shapes": local_shapes,
             "local_before": {n: tuple(t.shape) for n, t in local_before.items()},
-            "fingerprint": callback.store.fingerprint(),
+            "fingerprint": store.fingerprint(),
             "wrote": path,
             "reloaded_ema": reloaded_ema,
             "reloaded_training": reloaded_training,
@@ -177,14 +181,14 @@ def trainer_fsdp2(out: str, resume_from: str | None) -> None:
     assert trainer.is_fsdp_enabled
     trainer.train(resume_from_checkpoint=resume_from)
     callback = trainer.ema_callback
-    ema = {n: t.double() for n, t in callback.store.full_ema(trainer.model).items()}
-    ema_8ba = {n: t.double() for n, t in callback.store.full_ema(trainer.model, "8ba").items()}
-    training = {n: t.double() for n, t in callback.store.full_training(trainer.model).items()}
+    ema = full_tensors(callback.store, trainer.model, "4ba")
+    ema_8ba = full_tensors(callback.store, trainer.model, "8ba")
+    training = full_tensors(callback.store, trainer.model, None)
     local = {n: tuple(t.shape) for n, t in callback.store.shadow.items()}
     rank = trainer.args.process_index
     torch.save(
         {
-            "sharded": callback._sharded,
+            "sharded": callback.averager.sharded,
             "weights": recorder.weights,
             "ema": ema,
             "ema_8ba": ema_8ba,
@@ -285,8 +289,8 @@ def fsdp2_snapshots(out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    from hf_ema import EMAArguments, EMACallback
-    from hf_ema.store import EMAStore
+    from hf_ema import EMAArguments
+    from hf_ema.averager import Averager
     from hf_ema.time import Clock
 
     dist.init_process_group("gloo")
@@ -297,31 +301,117 @@ def fsdp2_snapshots(out: str) -> None:
         fully_shard(layer)
     fully_shard(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    args = SimpleNamespace(process_index=rank, should_save=rank == 0, per_device_train_batch_size=4)
-    args.gradient_accumulation_steps, args.world_size = 1, 2
-    state = SimpleNamespace(global_step=0, max_steps=12, epoch=0.0, num_input_tokens_seen=0, train_batch_size=4)
-    callbacks = []
+    max_steps = 12
+    averagers = []
     for dtype in ("float32", "bfloat16"):  # driven as the Trainer's hooks would, without a Trainer
-        callback = EMACallback(EMAArguments(sigma_rel=[0.05, 0.1], ema_snapshot_every="3ba", ema_snapshot_dtype=dtype))
-        callback.model, callback._sharded = model, True
-        callback.store = EMAStore(model, labels=callback.labels)
-        callback.schedule.start(Clock(), 0)
-        callbacks.append((callback, SimpleNamespace(**vars(args), output_dir=os.path.join(out, dtype))))
-        callback._snapshot(callbacks[-1][1], state, begin=True)
+        averager = Averager(EMAArguments(sigma_rel=[0.05, 0.1], ema_snapshot_every="3ba", ema_snapshot_dtype=dtype))
+        averager.reset(model, sharded=True)
+        averager.start(Clock(), 0)
+        averager.begin_snapshots(os.path.join(out, dtype), 0, Clock(), main=rank == 0)
+        averagers.append(averager)
     weights = {0: {n: p.full_tensor().detach().double().clone() for n, p in model.named_parameters()}}
     generator = torch.Generator().manual_seed(rank)
-    for step in range(1, state.max_steps + 1):
+    for step in range(1, max_steps + 1):
         x, y = torch.randn(4, 6, generator=generator), torch.randn(4, 3, generator=generator)
         torch.nn.functional.mse_loss(model(x), y).backward()
         optimizer.step()
         optimizer.zero_grad()
         weights[step] = {n: p.full_tensor().detach().double().clone() for n, p in model.named_parameters()}
-        state.global_step = step
-        for callback, run_args in callbacks:
-            callback.store.update_(model, callback.schedule.step(callback._clock(run_args, state), step))
-            callback._snapshot(run_args, state)
+        clock = Clock.from_counters(step, step / max_steps, 8, 0, max_steps)
+        for averager in averagers:
+            averager.step(clock, step)
+            averager.snapshot(clock, step, final=step == max_steps, main=rank == 0)
     if rank == 0:
         torch.save({"weights": weights}, os.path.join(out, "fsdp2-snapshots.pt"))
+
+
+def ema_loop_ddp(out: str) -> None:
+    """`hf_ema.EMA` in a hand-written Accelerate loop under DDP: 8 steps, save_state at 4, and a new model, optimizer
+    and EMA that load_state and continue to 8."""
+    from accelerate import Accelerator
+
+    from hf_ema import EMA, EMAArguments
+
+    def run(resume: bool):
+        accelerator = Accelerator(cpu=True)
+        torch.manual_seed(0)
+        model = TinyModel(TinyConfig())
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        ema = EMA(model, EMAArguments(half_life=["4ba", "8ba"], update_interval="2ba"))
+        accelerator.register_for_checkpointing(ema)
+        if resume:
+            accelerator.load_state(os.path.join(out, "state"))
+        weights = {ema.steps: state_of(ema.model)}
+        for step in range(ema.steps + 1, 9):
+            generator = torch.Generator().manual_seed(100 * step + accelerator.process_index)  # each rank its data
+            x = torch.randn(4, 3, generator=generator)
+            accelerator.backward(model(x=x, labels=x.sum(-1))["loss"])
+            optimizer.step()
+            optimizer.zero_grad()
+            ema.step()
+            weights[step] = state_of(ema.model)
+            if step == 4 and not resume:
+                accelerator.save_state(os.path.join(out, "state"))
+        averages = {label: state_of(m) for label, m in ema.ema_models().items()}
+        return accelerator, weights, averages, ema.num_updates
+
+    accelerator, weights, averages, updates = run(resume=False)
+    _, _, resumed, resumed_updates = run(resume=True)
+    torch.save(
+        {"world_size": accelerator.num_processes, "weights": weights, "averages": averages, "updates": updates,
+         "resumed": resumed, "resumed_updates": resumed_updates},
+        os.path.join(out, f"ema-loop-rank{accelerator.process_index}.pt"),
+    )  # fmt: skip
+
+
+def ema_loop_fsdp2(out: str) -> None:
+    """`hf_ema.EMA` on an FSDP2 model: shard-local averages against the full weights, a state_dict round trip into a
+    new sharded model, and save_pretrained of the gathered average."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from hf_ema import EMA, EMAArguments
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
+        for layer in model:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+
+    def full_weights(model):
+        return {n: p.full_tensor().detach().double().clone() for n, p in model.named_parameters()}
+
+    model = build()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = EMA(model, EMAArguments(half_life=["4ba", "8ba"]))
+    weights = {0: full_weights(model)}
+    generator = torch.Generator().manual_seed(rank)
+    for step in range(1, 7):
+        x, y = torch.randn(4, 6, generator=generator), torch.randn(4, 3, generator=generator)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.step()
+        weights[step] = full_weights(model)
+    store = ema._averager.store
+    local = {n: tuple(t.shape) for n, t in store.shadow.items()}
+    full = {label: full_tensors(store, model, label) for label in ema.labels}
+    state = ema.state_dict()  # gathered: every rank holds the whole averages
+    fresh = build()
+    resumed = EMA(fresh, EMAArguments(half_life=["4ba", "8ba"]))
+    resumed.load_state_dict(state)
+    reloaded = {label: full_tensors(resumed._averager.store, fresh, label) for label in ema.labels}
+    ema.save_pretrained(os.path.join(out, "ema-fsdp2"))
+    torch.save(
+        {"weights": weights, "full": full, "reloaded": reloaded, "local": local, "steps": resumed.steps},
+        os.path.join(out, f"ema-fsdp2-rank{rank}.pt"),
+    )
 
 
 def shut_down() -> None:
@@ -343,6 +433,10 @@ if __name__ == "__main__":
         trainer_fsdp2(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)
     elif sys.argv[1] == "fsdp2_snapshots":
         fsdp2_snapshots(sys.argv[2])
+    elif sys.argv[1] == "ema_loop_ddp":
+        ema_loop_ddp(sys.argv[2])
+    elif sys.argv[1] == "ema_loop_fsdp2":
+        ema_loop_fsdp2(sys.argv[2])
     else:
         fsdp2(sys.argv[2])
     shut_down()
