@@ -107,6 +107,9 @@ class Averager:
     def _new_store(self) -> EMAStore:
         if self.store is not None:
             self.store.close()
+        return self._build_store()
+
+    def _build_store(self) -> EMAStore:
         a = self.ema_args
         return EMAStore(self.model, a.ema_dtype, device=a.ema_device, buffers=a.ema_buffers, labels=a.labels)
 
@@ -352,20 +355,22 @@ class Averager:
             self.close()
             self.schedule, self.store = schedule, None
             return
-        self.store = self._new_store()
-        check_fingerprint(path, self.store.fingerprint(), meta["fingerprint"])
+        # Built aside: a state that fails its checks leaves the averages and counters as they were.
+        store = self._build_store()
+        check_fingerprint(path, store.fingerprint(), meta["fingerprint"])
         with_training = meta["model_files"] == "ema"
         if stored.sharded:
             saved_flat = meta.get("flat_names", [])
-            tensors = self.store.empty_sharded_state(self.model, with_training, saved_flat)
+            tensors = store.empty_sharded_state(self.model, with_training, saved_flat)
             stored.load_sharded(folder, tensors, prefixes)
-            self.store.load_sharded_(self.model, tensors, saved_flat)
+            store.load_sharded_(self.model, tensors, saved_flat)
         else:
-            found = stored.whole(self.store.names(), prefixes, with_training)
-            ema = {label: {n: found[label, n] for n in self.store.names()} for label in prefixes}
-            training = {n: found[None, n] for n in self.store.names()} if with_training else None
-            self.store.load_state_(self.model, ema, training)
-        self.schedule = schedule
+            found = stored.whole(store.names(), prefixes, with_training)
+            ema = {label: {n: found[label, n] for n in store.names()} for label in prefixes}
+            training = {n: found[None, n] for n in store.names()} if with_training else None
+            store.load_state_(self.model, ema, training)
+        self.close()
+        self.schedule, self.store = schedule, store
 
     def _match_averages(self, path: str, saved: dict[str, str]) -> dict[str, str]:
         """`{label now: key prefix in the file}`: the same labels, or one average renamed (its settings changed)."""

@@ -305,8 +305,9 @@ class EMACallback(TrainerCallback):
     def _after_step(self, hook: str, args: TrainingArguments, state: TrainerState, control: TrainerControl) -> None:
         self._apply(hook, args, control)
         self._write_state_before_save(args, state, control)
-        final = state.max_steps > 0 and state.global_step >= state.max_steps
-        self.averager.snapshot(self._clock(args, state), state.global_step, final, main=args.process_index == 0)
+        if self.averager.snapshots is not None:  # no clock to build on every step without snapshots
+            final = state.max_steps > 0 and state.global_step >= state.max_steps
+            self.averager.snapshot(self._clock(args, state), state.global_step, final, main=args.process_index == 0)
 
     @staticmethod
     def _clock(args: TrainingArguments, state: TrainerState) -> Clock:

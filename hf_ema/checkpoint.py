@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -123,6 +124,29 @@ class StoredState:
         place; a collective every rank calls."""
         keyed = {file_key(key, prefixes): tensor for key, tensor in state.items()}
         load_sharded_tensors(folder, keyed)
+
+
+def read_average(stored: StoredState, label: str, names: list[str]) -> dict[str, torch.Tensor]:
+    """Whole tensors of one average (`label`) for `names`, read in this process whatever world size wrote them: from a
+    whole sidecar one tensor at a time (safetensors reads lazily), from a sharded one through DCP. In the dtype the
+    state records (`dtype` for snapshots, else the fingerprint's)."""
+    prefix = average_prefixes(stored.meta)[label]
+    folder = os.path.dirname(stored.path)
+    if not stored.sharded:
+        with safe_open(stored.path, framework="pt", device="cpu") as handle:
+            return {name: handle.get_tensor(average_key(label, name, prefix)) for name in names}
+    meta = stored.meta
+    flat = set(meta.get("flat_names") or [])
+    shapes = {name: meta["fingerprint"][name][0] for name in names}
+    dtypes = {name: getattr(torch, meta.get("dtype") or meta["fingerprint"][name][1]) for name in names}
+    state = {
+        average_key(label, name, prefix): torch.empty(
+            (math.prod(shapes[name]),) if name in flat else shapes[name], dtype=dtypes[name]
+        )
+        for name in names
+    }
+    load_sharded_tensors(folder, state)
+    return {name: state[average_key(label, name, prefix)].reshape(shapes[name]) for name in names}
 
 
 def read_state(folder: str | os.PathLike, tensors: bool = True) -> StoredState:

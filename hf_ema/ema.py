@@ -281,7 +281,10 @@ class EMA:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores what `state_dict()` returned (`accelerator.load_state` calls it after loading the model), so the
-        averages continue exactly; the model must be the one (names, shapes) the state was saved from."""
+        averages continue exactly; the model must be the one (names, shapes) the state was saved from. The model's
+        weights count as the training weights from here on (`load_state` has just loaded them), unless the state
+        holds those too."""
+        self._averager.placement.forget()  # an average placed before the load is gone: the load replaced the weights
         self._averager.load_state_dict(state_dict)
         loop = state_dict.get("loop") or {}
         self._steps = int(loop.get("steps", state_dict["meta"].get("global_step", 0)))

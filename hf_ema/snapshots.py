@@ -20,16 +20,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from ._version import __version__
 from .checkpoint import (
     EMAStateError,
-    average_key,
+    StoredState,
     average_prefixes,
     has_sidecar,
-    load_sharded_tensors,
+    read_average,
     read_state,
     sharded_sidecar_path,
     sidecar_path,
@@ -101,21 +100,7 @@ class Snapshot:
 
     def read(self, names: Sequence[str], label: str) -> dict[str, Tensor]:
         """Full tensors of one average, for `names`, in the snapshot's dtype (a sharded one read in this process)."""
-        prefix = self.prefixes[label]
-        if not self.sharded:
-            with safe_open(self.file, framework="pt", device="cpu") as handle:
-                return {name: handle.get_tensor(average_key(label, name, prefix)) for name in names}
-        dtype = getattr(torch, self.meta["dtype"])
-        flat = set(self.meta.get("flat_names") or [])
-        shapes = {name: self.meta["fingerprint"][name][0] for name in names}
-        state = {
-            average_key(label, name, prefix): torch.empty(
-                (math.prod(shapes[name]),) if name in flat else shapes[name], dtype=dtype
-            )
-            for name in names
-        }
-        load_sharded_tensors(self.path, state)
-        return {name: state[average_key(label, name, prefix)].reshape(shapes[name]) for name in names}
+        return read_average(StoredState(self.file, self.meta, self.sharded), label, list(names))
 
 
 def snapshot_dir(output_dir: str | os.PathLike) -> str:

@@ -173,8 +173,14 @@ def test_trainer_only_settings_are_named_and_a_foreign_state_is_refused(caplog):
     assert "ema_checkpoint_weights" in caplog.text
     ema = EMA(torch.nn.Linear(2, 1), EMAArguments(half_life="4ba"))
     other = EMA(torch.nn.Linear(3, 1), EMAArguments(half_life="4ba"))
+    with torch.no_grad():
+        ema.model.weight.add_(1.0)
+    ema.step()
+    before = state_of(ema.ema_model())
     with pytest.raises(EMAStateError, match="another model"):
         ema.load_state_dict(other.state_dict())
+    assert ema.num_updates == 1 and ema.steps == 1  # nothing restarted by the refused load
+    assert_close(state_of(ema.ema_model()), before, rtol=0, atol=0)
     with pytest.raises(EMAStateError, match="state_dict"):
         ema.load_state_dict({"weights": 1})
 
@@ -193,3 +199,34 @@ def test_loop_example_resumes_exactly(tmp_path):
     full = load_file(os.path.join(tmp_path, "full", "ema", "model.safetensors"))
     again = load_file(os.path.join(tmp_path, "resumed", "ema", "model.safetensors"))
     assert full.keys() == again.keys() and all(torch.equal(full[k], again[k]) for k in full)
+
+
+def test_the_loop_face_needs_no_transformers_and_nothing_imports_the_package_face():
+    """`EMA` (and the averager under it) run without transformers; no module of the package imports `hf_ema` itself
+    (the package face imports the layers, never the other way)."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, torch; from hf_ema import EMA, EMAArguments; m = torch.nn.Linear(2, 1); e = EMA(m, "
+        "EMAArguments(half_life='4ba')); e.step(); e.state_dict(); "
+        "assert 'transformers' not in sys.modules, 'transformers imported'"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    package = Path(__file__).resolve().parent.parent / "hf_ema"
+    back = []
+    for path in package.glob("*.py"):
+        if path.name == "__init__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (
+                (node.level == 1 and node.module is None) or (node.level == 0 and node.module == "hf_ema")
+            ):
+                back += [f"{path.name}: from {'.' if node.level else 'hf_ema'} import {a.name}" for a in node.names]
+            if isinstance(node, ast.Import) and any(a.name == "hf_ema" for a in node.names):
+                back.append(f"{path.name}: import hf_ema")
+    allowed = {"callback.py: from . import guards"}  # a sibling module, not the package face's names
+    assert set(back) <= allowed, back
