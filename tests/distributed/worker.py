@@ -52,9 +52,24 @@ def ddp(out: str, kind: str, resume_from: str | None) -> None:
     )
 
 
+def _fsdp2_model() -> torch.nn.Module:
+    """The small FSDP2 model both FSDP2 workers train: each layer and the whole sharded on the process group."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
+    for layer in model:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def _full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.full_tensor().detach().double().clone() for n, p in model.named_parameters()}
+
+
 def fsdp2(out: str) -> None:
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
 
     from hf_ema import EMAArguments
     from hf_ema.averager import Averager
@@ -63,54 +78,43 @@ def fsdp2(out: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
 
-    def build():
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
-        for layer in model:
-            fully_shard(layer)
-        fully_shard(model)
-        return model
-
-    def full_weights(model):
-        return {n: p.full_tensor().detach().double().clone() for n, p in model.named_parameters()}
-
-    model = build()
+    model = _fsdp2_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     averager = Averager(EMAArguments(half_life=["4ba", "8ba"]))
     averager.reset(model, sharded=True)
     averager.start(Clock(), 0)
     store = averager.store
     local_before = {n: t.clone() for n, t in store.shadow.items()}
-    weights = {0: full_weights(model)}
+    weights = {0: _full_weights(model)}
     generator = torch.Generator().manual_seed(rank)
     for step in range(1, 7):
         x, y = torch.randn(4, 6, generator=generator), torch.randn(4, 3, generator=generator)
         torch.nn.functional.mse_loss(model(x), y).backward()
         optimizer.step()
         optimizer.zero_grad()
-        weights[step] = full_weights(model)
+        weights[step] = _full_weights(model)
         store.update_(model, {"4ba": 0.7, "8ba": 0.9})
     local_shapes = {n: tuple(t.shape) for n, t in store.shadow.items()}
     full_ema, full_ema_8ba = full_tensors(store, model, "4ba"), full_tensors(store, model, "8ba")
 
     store.place_(model, "4ba")
-    swapped = full_weights(model)
+    swapped = _full_weights(model)
     store.place_(model, "8ba")  # from one average straight to the other
-    swapped_8ba = full_weights(model)
+    swapped_8ba = _full_weights(model)
     store.place_(model, None)
-    restored = full_weights(model)
+    restored = _full_weights(model)
 
     with averager.ema_weights(model):  # as for a checkpoint whose model files hold the EMA: training weights kept too
         path = averager.save(out, 6, main=rank == 0)
     dist.barrier()  # rank 0 writes; the others read it next (a resuming run starts after the save, as here)
 
-    fresh = build()
+    fresh = _fsdp2_model()
     resumed = Averager(EMAArguments(half_life=["4ba", "8ba"]))
     resumed.reset(fresh, sharded=True)
     resumed.load(out, expected_step=6)
     reloaded_ema = full_tensors(resumed.store, fresh, "4ba")
     reloaded_ema_8ba = full_tensors(resumed.store, fresh, "8ba")
-    reloaded_training = full_weights(fresh)
+    reloaded_training = _full_weights(fresh)
     torch.save(
         {
             "weights": weights,
@@ -287,7 +291,6 @@ def deepspeed_run(out: str, stage: str, kind: str, resume_from: str | None) -> N
 def fsdp2_snapshots(out: str) -> None:
     """Post-hoc EMA snapshots of an FSDP2 model: each rank writes its shards (float32 and bfloat16 series)."""
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
 
     from hf_ema import EMAArguments
     from hf_ema.averager import Averager
@@ -295,11 +298,7 @@ def fsdp2_snapshots(out: str) -> None:
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
-    for layer in model:
-        fully_shard(layer)
-    fully_shard(model)
+    model = _fsdp2_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     max_steps = 12
     averagers = []
@@ -369,28 +368,16 @@ def ema_loop_fsdp2(out: str) -> None:
     """`hf_ema.EMA` on an FSDP2 model: shard-local averages against the full weights, a state_dict round trip into a
     new sharded model, and save_pretrained of the gathered average."""
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
 
     from hf_ema import EMA, EMAArguments
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
 
-    def build():
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
-        for layer in model:
-            fully_shard(layer)
-        fully_shard(model)
-        return model
-
-    def full_weights(model):
-        return {n: p.full_tensor().detach().double().clone() for n, p in model.named_parameters()}
-
-    model = build()
+    model = _fsdp2_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     ema = EMA(model, EMAArguments(half_life=["4ba", "8ba"]))
-    weights = {0: full_weights(model)}
+    weights = {0: _full_weights(model)}
     generator = torch.Generator().manual_seed(rank)
     for step in range(1, 7):
         x, y = torch.randn(4, 6, generator=generator), torch.randn(4, 3, generator=generator)
@@ -398,12 +385,12 @@ def ema_loop_fsdp2(out: str) -> None:
         optimizer.step()
         optimizer.zero_grad()
         ema.step()
-        weights[step] = full_weights(model)
+        weights[step] = _full_weights(model)
     store = ema._averager.store
     local = {n: tuple(t.shape) for n, t in store.shadow.items()}
     full = {label: full_tensors(store, model, label) for label in ema.labels}
     state = ema.state_dict()  # gathered: every rank holds the whole averages
-    fresh = build()
+    fresh = _fsdp2_model()
     resumed = EMA(fresh, EMAArguments(half_life=["4ba", "8ba"]))
     resumed.load_state_dict(state)
     reloaded = {label: full_tensors(resumed._averager.store, fresh, label) for label in ema.labels}
