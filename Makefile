@@ -14,7 +14,8 @@ TF4_STAMP := $(TF4_VENV)/.hf-ema-installed
 # What test-tf4 leaves out, to keep CI short: the demo (transformers 4.x ignores `optim_args` for optim="sgd", so it
 # trains without momentum there and its "EMA beats training" assertion does not hold; nothing hf-ema does differs)
 # and the distributed rows that exercise no other transformers code path than the ones kept (DDP through EMATrainer,
-# FSDP2 through EMATrainer, ZeRO-3 through EMATrainer with its resume, the backend refusals).
+# FSDP2 through EMATrainer, ZeRO-3 through EMATrainer with its resume, the backend refusals), and the crash kills
+# that run no Trainer code of their own (exports, the sharded loop, snapshots, the callback face of a kept kill).
 TF4_DESELECT := \
 	tests/test_demo.py::test_ema_digits_demo_fast \
 	tests/test_distributed.py::test_ddp_two_processes[callback] \
@@ -24,7 +25,12 @@ TF4_DESELECT := \
 	tests/test_distributed.py::test_deepspeed_zero[zero2-callback] \
 	tests/test_distributed.py::test_deepspeed_zero[zero3-callback] \
 	tests/test_distributed.py::test_deepspeed_zero[zero3-nopersist-ema_trainer] \
-	tests/test_distributed.py::test_deepspeed_zero[zero3-init-ema_trainer]
+	tests/test_distributed.py::test_deepspeed_zero[zero3-init-ema_trainer] \
+	tests/test_crash.py::test_kill_during_training_then_resume[callback \
+	tests/test_crash.py::test_kill_during_training_then_resume[ema_trainer-snapshot \
+	tests/test_crash.py::test_kill_during_training_then_resume[ema_trainer-sidecar-after \
+	tests/test_crash.py::test_kill_during_export \
+	tests/test_crash.py::test_kill_during_the_sharded_write_then_resume
 
 # The peers' EMA libraries (timm, ema-pytorch, diffusers, torch-ema) for benchmarks/bench_peers.py; never part of CI.
 BENCH_VENV ?= .venv-bench

@@ -23,8 +23,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -32,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from .files import atomic_file, crash_point, finish_folder, temporary_folder
 
 SIDECAR_NAME = "ema_state.safetensors"
 SHARDED_SIDECAR_NAME = "ema_state"
@@ -77,18 +77,20 @@ def write_state(
     tensors: Mapping[tuple[str | None, str], torch.Tensor],
     *,
     sharded: bool,
+    what: str | None = None,
 ) -> str | None:
     """Writes EMA state (a checkpoint's sidecar or a post-hoc snapshot) into `folder`: the one writer of the format.
 
     `tensors` is keyed by `(label, name)`, `(None, name)` for training tensors (`EMAStore.state`). Whole tensors go
     into `ema_state.safetensors`, written by the process given `meta` (the main process); sharded ones (DTensors,
     `EMAStore.sharded_state`) into `ema_state/`, a collective every rank calls, the main process (given `meta`)
-    finishing the folder. Both are atomic. Returns the path written on the main process, else None.
+    finishing the folder. Both are atomic (`hf_ema.files`); `what` names the write for the crash tests' fault
+    injection (`sidecar` or `sharded` by default). Returns the path written on the main process, else None.
     """
     keyed = {file_key(key): tensor for key, tensor in tensors.items()}
     if sharded:
-        return save_sharded_sidecar(folder, meta, keyed)
-    return save_sidecar(folder, meta, keyed) if meta is not None else None
+        return save_sharded_sidecar(folder, meta, keyed, what or "sharded")
+    return save_sidecar(folder, meta, keyed, what or "sidecar") if meta is not None else None
 
 
 @dataclass
@@ -180,17 +182,6 @@ def has_sidecar(checkpoint_dir: str | os.PathLike) -> bool:
     )
 
 
-def _fsync_dir(directory: str) -> None:
-    try:  # make a rename durable
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:  # some filesystems (and Windows) cannot fsync a folder
-        pass
-
-
 def _own(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor`, or a copy of it where it is a view into a larger buffer (packed averages): safetensors refuses tensors
     that share storage."""
@@ -198,64 +189,52 @@ def _own(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous() if whole else tensor.clone(memory_format=torch.contiguous_format)
 
 
-def save_sidecar(checkpoint_dir: str | os.PathLike, meta: Mapping, tensors: Mapping[str, torch.Tensor]) -> str:
-    """Writes the sidecar atomically: a temporary file in the same folder, fsync, rename, fsync of the folder.
-
-    A crash at any point leaves either no sidecar or the previous complete one, never a half-written file.
-    """
-    directory = os.fspath(checkpoint_dir)
-    os.makedirs(directory, exist_ok=True)
+def save_sidecar(
+    checkpoint_dir: str | os.PathLike, meta: Mapping, tensors: Mapping[str, torch.Tensor], what: str = "sidecar"
+) -> str:
+    """Writes the sidecar atomically (`hf_ema.files.atomic_file`: a temporary file in the same folder, fsync, rename,
+    fsync of the folder). A crash at any point leaves either no sidecar or the previous complete one, never a
+    half-written file. `what` names the write for the crash tests' fault injection."""
     tensors = {key: _own(t.detach().to("cpu")) for key, t in tensors.items()}
     metadata = {_METADATA_KEY: json.dumps({**meta, "format_version": FORMAT_VERSION}, sort_keys=True)}
-    fd, temp = tempfile.mkstemp(prefix=".ema_state.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
+    final = sidecar_path(checkpoint_dir)
+    with atomic_file(final, what) as temp:
         save_file(tensors, temp, metadata=metadata)
-        with open(temp, "rb") as handle:
-            os.fsync(handle.fileno())
-        final = sidecar_path(directory)
-        os.replace(temp, final)
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise
-    _fsync_dir(directory)
     return final
 
 
 def save_sharded_sidecar(
-    checkpoint_dir: str | os.PathLike, meta: Mapping | None, state: Mapping[str, torch.Tensor]
+    checkpoint_dir: str | os.PathLike, meta: Mapping | None, state: Mapping[str, torch.Tensor], what: str = "sharded"
 ) -> str | None:
     """Writes the sharded sidecar with torch.distributed.checkpoint: a collective every rank calls.
 
     `state` maps `average/<label>/<name>` and `training/<name>` to DTensors over this rank's shards (plain tensors for
     replicated ones, which rank 0 writes). Each rank writes its own shards into a temporary folder; the main process
-    (the one given `meta`) adds `hf_ema.json` and renames the folder into place. A crash leaves no `ema_state/`
-    (or the previous complete one until the rename), never a partial one. Returns the folder on the main process.
+    (the one given `meta`) adds `hf_ema.json` and renames the folder into place (`hf_ema.files.finish_folder`). A
+    crash leaves no `ema_state/` (or the previous complete one until the rename), never a partial one. Returns the
+    folder on the main process.
     """
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
     directory = os.fspath(checkpoint_dir)
-    final, temp = sharded_sidecar_path(directory), os.path.join(directory, ".ema_state.tmp")
+    final = sharded_sidecar_path(directory)
     distributed = dist.is_available() and dist.is_initialized()
     if meta is not None:
+        crash_point(what, "before")
         os.makedirs(directory, exist_ok=True)
-        shutil.rmtree(temp, ignore_errors=True)  # left by an earlier crash
+        temporary_folder(final)  # empty; one left by an earlier crash is removed
     if distributed:
         dist.barrier()
+    temp = os.path.join(directory, f".{SHARDED_SIDECAR_NAME}.tmp")
     with _single_process_quiet():
         dcp.save(dict(state), storage_writer=dcp.FileSystemWriter(temp, sync_files=True), no_dist=not distributed)
+    if distributed:
+        dist.barrier()  # every rank's shards are in the folder
     if meta is not None:
         with open(os.path.join(temp, _META_FILE), "w", encoding="utf-8") as handle:
             json.dump({**meta, "format_version": FORMAT_VERSION}, handle, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        _fsync_dir(temp)
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(temp, final)
-        _fsync_dir(directory)
+        finish_folder(temp, final, what)
     if distributed:
         dist.barrier()  # every rank may read the sidecar after this
     return final if meta is not None else None

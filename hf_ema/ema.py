@@ -18,6 +18,7 @@ from torch import nn
 from .arguments import EMAArguments
 from .averager import Averager
 from .distributed import check_backend
+from .files import atomic_file
 from .placement import TRAINING
 from .time import Clock
 
@@ -263,10 +264,10 @@ class EMA:
                 return
             from safetensors.torch import save_file
 
-            os.makedirs(save_directory, exist_ok=True)
             state_dict = state_dict if state_dict is not None else self.model.state_dict()
             tensors = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in state_dict.items()}
-            save_file(tensors, os.path.join(os.fspath(save_directory), "model.safetensors"), metadata={"format": "pt"})
+            with atomic_file(os.path.join(os.fspath(save_directory), "model.safetensors"), "pretrained") as temp:
+                save_file(tensors, temp, metadata={"format": "pt"})
 
     # ---- state (accelerator.register_for_checkpointing) ----
 

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ._version import __version__
+from .files import atomic_folder
 from .power import LeastSquares, PowerProfiles, expand_updates
 from .rules import SIGMA_REL_MAX, gamma_of_sigma_rel, sigma_rel_of_gamma, sigma_rel_of_half_life
 from .snapshots import PostHocError, Snapshot, list_snapshots, snapshot_dir
@@ -319,19 +320,22 @@ def find_model_dir(output_dir: str | os.PathLike) -> str:
     """The folder whose config, tokenizer and untracked weights an export copies: `output_dir` when `save_model`
     wrote into it, else its latest `checkpoint-<step>` with model files."""
     output_dir = os.fspath(output_dir)
-    if _weight_files(output_dir):
+    if _has_weights(output_dir):
         return output_dir
     checkpoints = sorted(
         (int(m.group(1)), name)
         for name in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
-        if (m := re.fullmatch(r"checkpoint-(\d+)", name)) and _weight_files(os.path.join(output_dir, name))
+        if (m := re.fullmatch(r"checkpoint-(\d+)", name)) and _has_weights(os.path.join(output_dir, name))
     )
     if not checkpoints:
         raise PostHocError(
-            f"{output_dir} holds no model folder to export into (no model.safetensors there nor in a checkpoint-*). "
+            f"{output_dir} holds no model folder to export into (no model.safetensors or adapter_model.safetensors there nor in a checkpoint-*). "
             "Call trainer.save_model() after training, or pass model_dir= (--model-dir) a folder save_model wrote."
         )
     return os.path.join(output_dir, checkpoints[-1][1])
+
+
+ADAPTER_FILE = "adapter_model.safetensors"
 
 
 def _weight_files(folder: str) -> list[str]:
@@ -340,6 +344,32 @@ def _weight_files(folder: str) -> list[str]:
         with open(index, encoding="utf-8") as handle:
             return sorted(set(json.load(handle)["weight_map"].values()))
     return ["model.safetensors"] if os.path.isfile(os.path.join(folder, "model.safetensors")) else []
+
+
+def _has_weights(folder: str) -> bool:
+    return bool(_weight_files(folder)) or os.path.isfile(os.path.join(folder, ADAPTER_FILE))
+
+
+def _file_names(weights: dict[str, Tensor], adapter: str | None, keys: set[str]) -> dict[str, str]:
+    """`{name in the files: tracked name}`: the model's own names, or for a PEFT adapter folder the names PEFT saves
+    (`get_peft_model_state_dict` drops the adapter's name: `...lora_A.default.weight` -> `...lora_A.weight`, and a
+    module of `modules_to_save` is saved under its base name: `lm_head.modules_to_save.default.weight` ->
+    `lm_head.weight`, in peft 0.21; older releases keep `lm_head.modules_to_save.weight`)."""
+    if adapter is None:
+        return {name: name for name in weights}
+    names = {}
+    for name in weights:
+        candidates = [name.replace(f".modules_to_save.{adapter}", ""), name.replace(f".{adapter}", "")]
+        names[next((key for key in candidates if key in keys), candidates[-1])] = name
+    return names
+
+
+def _check_out(out: str) -> None:
+    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, EXPORT_INFO)):
+        raise PostHocError(
+            f"{out} exists and holds files that are not an earlier export (no {EXPORT_INFO}); an export replaces its "
+            "folder whole. Choose a new folder, or empty that one."
+        )
 
 
 def export(
@@ -351,21 +381,30 @@ def export(
     half_life: str | float | None = None,
     model_dir: str | os.PathLike | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
+    adapter_name: str = "default",
 ) -> str:
-    """Synthesises an average and writes it as a folder `from_pretrained` loads.
+    """Synthesises an average and writes it as a folder `from_pretrained` (or, for a PEFT adapter,
+    `PeftModel.from_pretrained`) loads.
 
-    The folder gets the files `save_model` wrote into `model_dir` (config, generation config, tokenizer, processor
-    ...; not the model card, nor training state), and its weight files (`model.safetensors`, or the same shards and
-    index) with every tensor the EMA tracked replaced by the synthesised one, in the dtype the folder stored it in.
-    The other tensors (frozen weights, integer buffers) are those of `model_dir`. `hf_ema_posthoc.json` records
-    what was synthesised, from which snapshots, with which coefficients.
+    The folder gets the files `save_model` wrote into `model_dir` (config, generation config, tokenizer, processor,
+    adapter config ...; not the model card, nor training state), and its weight files (`model.safetensors`, or the
+    same shards and index, or `adapter_model.safetensors`) with every tensor the EMA tracked replaced by the
+    synthesised one, in the dtype the folder stored it in. The other tensors (frozen weights, integer buffers) are
+    those of `model_dir`. `hf_ema_posthoc.json` records what was synthesised, from which snapshots, with which
+    coefficients.
+
+    The folder is written whole under a temporary name beside `out` and renamed into place at the end
+    (`hf_ema.files`): a crash leaves the previous `out` or none, never a partial one. An earlier export in `out` is
+    replaced; a folder holding anything else is refused.
 
     Args:
         output_dir (`str`): the Trainer's `output_dir`, holding `ema_snapshots/`.
-        out (`str`): the folder to write (created; files of the same names are replaced).
+        out (`str`): the folder to write.
         sigma_rel, step, half_life, tolerance: see `synthesize`.
         model_dir (`str`, *optional*): a folder `save_model` wrote for this model; defaults to `output_dir` when it
             holds one, else its latest checkpoint.
+        adapter_name (`str`, *optional*, defaults to `"default"`): for a PEFT adapter folder, the adapter whose
+            weights were averaged (its name is in the tracked names, not in the adapter file).
 
     Returns:
         `str`: the folder written.
@@ -378,81 +417,81 @@ def export(
 
     posthoc.export("outputs/run", "outputs/run-ema-0.07", sigma_rel=0.07)
     model = AutoModelForCausalLM.from_pretrained("outputs/run-ema-0.07")
+    # a LoRA run: the folder holds adapter_model.safetensors; PeftModel.from_pretrained(base, folder) loads it
     ```
     """
     solved = plan(output_dir, sigma_rel, step, half_life=half_life, tolerance=tolerance)
-    weights = _accumulate(solved, torch.float32)
     model_dir = os.fspath(model_dir) if model_dir is not None else find_model_dir(output_dir)
-    files = _weight_files(model_dir)
+    files, adapter = _weight_files(model_dir), None
+    if not files and os.path.isfile(os.path.join(model_dir, ADAPTER_FILE)):
+        files, adapter = [ADAPTER_FILE], adapter_name
     if not files:
         found = [n for n in os.listdir(model_dir) if n.endswith((".bin", ".safetensors"))]
         raise PostHocError(
-            f"{model_dir} has no model.safetensors (found: {', '.join(found) or 'no weight files'}); an export "
-            "replaces the tensors of a safetensors model folder. Save with save_safetensors=True, or pass "
-            "model_dir= a folder save_model wrote. (PEFT adapters are not exported; use synthesize() and "
-            "set_peft_model_state_dict.)"
+            f"{model_dir} has no model.safetensors nor {ADAPTER_FILE} (found: {', '.join(found) or 'no weight files'});"
+            " an export replaces the tensors of a safetensors model or adapter folder. Save with "
+            "save_safetensors=True, or pass model_dir= a folder save_model wrote."
         )
     out = os.fspath(out)
-    os.makedirs(out, exist_ok=True)
-    remaining = dict(weights)
+    _check_out(out)
+    weights = _accumulate(solved, torch.float32)
+    keys = set()
     for name in files:
-        path = os.path.join(model_dir, name)
-        with safe_open(path, framework="pt", device="cpu") as handle:
-            metadata = handle.metadata() or {"format": "pt"}
-        tensors = load_file(path)
-        for key in list(tensors):
-            if key in remaining:
-                value = remaining.pop(key)
-                if tuple(value.shape) != tuple(tensors[key].shape):
-                    raise PostHocError(
-                        f"{key} has shape {tuple(value.shape)} in the snapshots but {tuple(tensors[key].shape)} in "
-                        f"{path}: the model folder is not of the model the snapshots were written for."
-                    )
-                tensors[key] = value.to(tensors[key].dtype).contiguous()
-        _atomic_save(tensors, os.path.join(out, name), metadata)
-    if remaining:
-        missing = sorted(remaining)
-        raise PostHocError(
-            f"{len(missing)} averaged tensor(s) are not in the model files of {model_dir} "
-            f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}): the folder is not of the model the "
-            "snapshots were written for, or names its weights differently. Pass model_dir= a folder save_model "
-            "wrote for this model."
-        )
-    for name in os.listdir(model_dir):
-        source = os.path.join(model_dir, name)
-        if (
-            os.path.isfile(source)
-            and not name.endswith((".safetensors", ".bin", ".pt", ".pth"))
-            and name not in _TRAINING_FILES
-            and not _TRAINING_FILE_RE.match(name)
-        ):
-            shutil.copy2(source, os.path.join(out, name))
-    info = {
-        "hf_ema_version": __version__,
-        "sigma_rel": solved.sigma_rel,
-        "gamma": solved.gamma,
-        "step": solved.step,
-        "t": solved.t,
-        "residual": solved.residual,
-        "model_dir": model_dir,
-        "terms": [
-            {"snapshot": os.path.basename(s.path), "average": label, "coefficient": c} for s, label, c in solved.terms
-        ],
-    }
-    with open(os.path.join(out, EXPORT_INFO), "w", encoding="utf-8") as handle:
-        json.dump(info, handle, indent=2)
+        with safe_open(os.path.join(model_dir, name), framework="pt", device="cpu") as handle:
+            keys.update(handle.keys())
+    names = _file_names(weights, adapter, keys)
+    remaining = set(names)
+    with atomic_folder(out, "export") as temp:
+        for name in files:
+            path = os.path.join(model_dir, name)
+            with safe_open(path, framework="pt", device="cpu") as handle:
+                metadata = handle.metadata() or {"format": "pt"}
+            tensors = load_file(path)
+            for key in list(tensors):
+                if key in remaining:
+                    remaining.discard(key)
+                    value = weights[names[key]]
+                    if tuple(value.shape) != tuple(tensors[key].shape):
+                        raise PostHocError(
+                            f"{key} has shape {tuple(value.shape)} in the snapshots but {tuple(tensors[key].shape)} "
+                            f"in {path}: the model folder is not of the model the snapshots were written for."
+                        )
+                    tensors[key] = value.to(tensors[key].dtype).contiguous()
+            save_file(tensors, os.path.join(temp, name), metadata=metadata)
+        if remaining:
+            missing = sorted(names[key] for key in remaining)
+            raise PostHocError(
+                f"{len(missing)} averaged tensor(s) are not in the model files of {model_dir} "
+                f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}): the folder is not of the model the "
+                "snapshots were written for, or names its weights differently (a PEFT adapter of another name: pass "
+                "adapter_name=). Pass model_dir= a folder save_model wrote for this model."
+            )
+        for name in os.listdir(model_dir):
+            source = os.path.join(model_dir, name)
+            if (
+                os.path.isfile(source)
+                and not name.endswith((".safetensors", ".bin", ".pt", ".pth"))
+                and name not in _TRAINING_FILES
+                and not _TRAINING_FILE_RE.match(name)
+            ):
+                shutil.copy2(source, os.path.join(temp, name))
+        info = {
+            "hf_ema_version": __version__,
+            "sigma_rel": solved.sigma_rel,
+            "gamma": solved.gamma,
+            "step": solved.step,
+            "t": solved.t,
+            "residual": solved.residual,
+            "model_dir": model_dir,
+            "adapter": adapter,
+            "terms": [
+                {"snapshot": os.path.basename(s.path), "average": label, "coefficient": c}
+                for s, label, c in solved.terms
+            ],
+        }
+        with open(os.path.join(temp, EXPORT_INFO), "w", encoding="utf-8") as handle:
+            json.dump(info, handle, indent=2)
     return out
-
-
-def _atomic_save(tensors: dict[str, Tensor], path: str, metadata: dict) -> None:
-    temp = f"{path}.tmp-{os.getpid()}"
-    try:
-        save_file(tensors, temp, metadata=metadata)
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise
 
 
 # ---- command line ----

@@ -153,15 +153,23 @@ def read_snapshot(path: str | os.PathLike) -> Snapshot:
 def list_snapshots(output_dir: str | os.PathLike) -> list[Snapshot]:
     """The complete snapshots under `output_dir` (a Trainer's `output_dir`, or its `ema_snapshots` folder), by step.
 
-    A snapshot whose write was interrupted (no EMA state in its folder yet) is skipped; the folders set aside at a
-    resume (`discarded-*`) are not looked into.
+    A snapshot whose write was interrupted (its folder holds no complete EMA state: a crash before its rename) is
+    skipped with a warning, never read; the folders set aside at a resume (`discarded-*`) are not looked into.
     """
     folder = snapshot_dir(output_dir)
     found = []
     for name in _listdir(folder):
         path = os.path.join(folder, name)
-        if _snapshot_step(name) is not None and os.path.isdir(path) and has_sidecar(path):
+        if _snapshot_step(name) is None or not os.path.isdir(path):
+            continue
+        if has_sidecar(path):
             found.append(read_snapshot(path))
+        else:
+            logger.warning(
+                "Skipping %s: its write was interrupted (no complete EMA state in it). The other snapshots are used; "
+                "delete that folder.",
+                path,
+            )
     return sorted(found, key=lambda snapshot: snapshot.step)
 
 
@@ -330,7 +338,8 @@ class SnapshotWriter:
         if not sharded and not main:
             return None
         state = store.sharded_state(model, False) if sharded else store.state(model, False)
-        written = write_state(folder, meta, {key: t.to(self.dtype) for key, t in state.items()}, sharded=sharded)
+        tensors = {key: t.to(self.dtype) for key, t in state.items()}
+        written = write_state(folder, meta, tensors, sharded=sharded, what="snapshot")
         if main:
             logger.info("EMA snapshot of step %d written to %s.", step, folder)
         return folder if main and written else None

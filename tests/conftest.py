@@ -148,3 +148,14 @@ def assert_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tens
         torch.testing.assert_close(
             actual[name].to(torch.float64), expected[name], rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}"
         )
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The crash harness's outcome per kill point (tests/test_crash.py), when it ran."""
+    import sys
+
+    rows = getattr(sys.modules.get("test_crash"), "REPORT", None)
+    if rows:
+        terminalreporter.section("crash harness: outcome per kill point")
+        for row in rows:
+            terminalreporter.line(row)

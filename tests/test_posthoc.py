@@ -529,3 +529,46 @@ def test_snapshots_need_no_trainer(run):
     )
     result = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+def test_export_of_a_lora_run_is_an_adapter_folder_peft_loads(tmp_path):
+    """A LoRA run's export is the adapter folder save_model wrote, its adapter weights (and modules_to_save)
+    replaced by the synthesised ones: `PeftModel.from_pretrained` loads exactly them."""
+    from helpers import tiny_llama
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+    from test_precision_memory import token_data
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    args = EMAArguments(sigma_rel=[0.05, 0.1], ema_snapshot_every="2ba")
+    trainer, _, _ = build(tmp_path, args, model=get_peft_model(tiny_llama(), lora), learning_rate=0.5, max_steps=8)
+    trainer.train_dataset, trainer.eval_dataset = token_data(), None
+    trainer.train()
+    trainer.save_model()
+    out = posthoc.export(tmp_path, tmp_path / "ema-0.07", sigma_rel=0.07)
+    assert {"adapter_model.safetensors", "adapter_config.json", "hf_ema_posthoc.json"} <= set(os.listdir(out))
+    expected = posthoc.synthesize(tmp_path, sigma_rel=0.07)
+    loaded = dict(PeftModel.from_pretrained(tiny_llama(), out).named_parameters())
+    assert len(expected) == 9  # lora_A and lora_B of q_proj and v_proj in 2 layers (8), the copy of lm_head
+    for name, value in expected.items():
+        assert torch.equal(loaded[name].detach(), value), name
+    trained = load_file(tmp_path / "adapter_model.safetensors")  # the EMA of the run itself, not the export
+    exported = load_file(Path(out) / "adapter_model.safetensors")
+    assert trained.keys() == exported.keys() and any(not torch.equal(trained[k], exported[k]) for k in trained)
+
+
+def test_export_replaces_an_earlier_export_whole_and_refuses_other_folders(run, tmp_path):
+    folder, _ = run
+    out = tmp_path / "ema"
+    posthoc.export(folder, out, sigma_rel=0.07)
+    (out / "stale.txt").write_text("from the earlier export's folder")
+    posthoc.export(folder, out, sigma_rel=0.1)
+    assert json.loads((out / "hf_ema_posthoc.json").read_text())["sigma_rel"] == pytest.approx(0.1)
+    assert not (out / "stale.txt").exists()  # the folder is the new export, whole
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]  # no temporary folder left
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(PostHocError, match="not an earlier export .* Choose a new folder"):
+        posthoc.export(folder, mine, sigma_rel=0.07)
+    assert os.listdir(mine) == ["notes.txt"]
