@@ -59,7 +59,8 @@ class Averager:
         self.placement = Placement(lambda: self.store, lambda: self.model)
         self.sharded = False  # the model's parameters are sharded across ranks (FSDP2, ZeRO-3)
         self.log = True  # this process logs (the main process)
-        self.run_id: str | None = None  # recorded in every EMA state written
+        self.run_id: str | None = None  # recorded in every EMA state written, with the run's output folder
+        self.run_output_dir: str | None = None
         self.snapshots = None  # a `hf_ema.snapshots.SnapshotWriter` with `ema_snapshot_every`
         self._told_not_started = False
 
@@ -276,6 +277,7 @@ class Averager:
             "fingerprint": self.store.fingerprint() if self.started else None,
             "flat_names": self.store.flat_names if self.started else [],
             "run_id": self.run_id,
+            "run_output_dir": self.run_output_dir,
         }
 
     def save(

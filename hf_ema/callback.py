@@ -201,7 +201,8 @@ class EMACallback(TrainerCallback):
         self._sidecar_step, self.training = None, True
         guards.tell_what_a_stock_trainer_skips(averager, args, self.trainer is not None)
         callbacks = state.stateful_callbacks if isinstance(state.stateful_callbacks, dict) else None
-        averager.run_id, resumed_run = stamp_run(callbacks, state.global_step, args.output_dir)
+        stamp, resumed_run = stamp_run(callbacks, state.global_step, args.output_dir)
+        averager.run_id, averager.run_output_dir = stamp["run_id"], stamp["output_dir"]
         clock = self._clock(args, state)
         if state.global_step > 0:
             told = self.resume_from_checkpoint is not None

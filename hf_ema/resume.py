@@ -30,25 +30,33 @@ def run_checkpoint(output_dir: str, step: int) -> str:
     return os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
 
 
-def stamp_run(stateful_callbacks: dict | None, step: int, output_dir: str) -> tuple[str, dict | None]:
-    """Gives a `train()` call a fresh run id, in the Trainer's state (saved in every checkpoint's
-    trainer_state.json), and returns it with the stamp of the run it resumes (at `step` > 0), if any."""
+def stamp_run(stateful_callbacks: dict | None, step: int, output_dir: str) -> tuple[dict, dict | None]:
+    """Stamps a `train()` call into the Trainer's state (saved in every checkpoint's trainer_state.json) and returns
+    the stamp with that of the run it resumes (at `step` > 0), if any.
+
+    A resumed run is the same run continuing: it keeps the id it resumes from (so its trainer state ends equal to
+    the uninterrupted run's); a fresh run gets a fresh id. The stamp also holds the output folder it writes in, which
+    tells two runs continuing one checkpoint into different folders apart."""
     resumed = None
     if stateful_callbacks is not None and step > 0:
         resumed = (stateful_callbacks.get(RUN_KEY) or {}).get("attributes") or None
-    run_id = uuid.uuid4().hex
+    run_id = resumed["run_id"] if resumed and resumed.get("run_id") else uuid.uuid4().hex
+    stamp = {"run_id": run_id, "output_dir": os.path.abspath(output_dir)}
     if stateful_callbacks is not None:
-        stamp = {"run_id": run_id, "output_dir": os.path.abspath(output_dir)}
-        stateful_callbacks[RUN_KEY] = {"args": {}, "attributes": stamp}
-    return run_id, resumed
+        stateful_callbacks[RUN_KEY] = {"args": {}, "attributes": dict(stamp)}
+    return stamp, resumed
 
 
 def written_by(folder: str, run: dict | None) -> bool:
-    """Whether `folder`'s EMA state was written by `run` (True when either side predates run ids)."""
+    """Whether `folder`'s EMA state was written by `run` (its id and, where both sides record it, its output folder;
+    True when either side predates run ids)."""
     if not run or not run.get("run_id") or not has_sidecar(folder):
         return True
-    written = read_meta(folder).get("run_id")
-    return written is None or written == run["run_id"]
+    meta = read_meta(folder)
+    if meta.get("run_id") is None:
+        return True
+    same_folder = meta.get("run_output_dir") is None or run.get("output_dir") in (None, meta["run_output_dir"])
+    return meta["run_id"] == run["run_id"] and same_folder
 
 
 def find_folder(folder: str, told: bool, run: dict | None, step: int) -> str:

@@ -10,6 +10,7 @@ What holds after a crash is in docs/usage.md ("After a crash").
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -47,6 +48,19 @@ def equal_results(folder: Path, reference: Path) -> bool:
     ours, theirs = load_file(folder / "result.safetensors"), load_file(reference / "result.safetensors")
     assert ours.keys() == theirs.keys()
     return all(torch.equal(ours[key], theirs[key]) for key in ours)
+
+
+def trainer_state(folder: Path) -> dict:
+    """The final TrainerState the run wrote, as transformers' own resume tests compare them: no timings, the run's
+    folder as `OUT`, and the run id checked against the first checkpoint's (the killed run and the uninterrupted one
+    are two runs, each with its own id; a resumed run keeps the id of the run it continues)."""
+    state = json.loads((folder / "trainer_state.json").read_text().replace(str(folder), "OUT"))
+    first = json.loads((folder / "checkpoint-4" / "trainer_state.json").read_text())
+    ours = state["stateful_callbacks"]["hf_ema"]["attributes"]
+    assert ours.pop("run_id") == first["stateful_callbacks"]["hf_ema"]["attributes"]["run_id"]
+    timings = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss")
+    state["log_history"] = [{k: v for k, v in log.items() if k not in timings} for log in state["log_history"]]
+    return state
 
 
 def refusal(proc: subprocess.CompletedProcess) -> str:
@@ -112,7 +126,8 @@ def test_kill_during_training_then_resume(tmp_path, uninterrupted, caplog, face,
     if expected == "exact":
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert equal_results(tmp_path, uninterrupted[face])
-        outcome = "resumed bit-exact"
+        assert trainer_state(tmp_path) == trainer_state(uninterrupted[face])
+        outcome = "resumed bit-exact, the same TrainerState"
     else:
         assert resumed.returncode != 0 and re.search(expected, resumed.stderr), resumed.stderr[-3000:]
         outcome = f"refused with message ({refusal(resumed)[:140]}...); after deleting checkpoint-8: "

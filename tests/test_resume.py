@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import TinyConfig, TinyModel, state_of
+from conftest import RegressionDataset, TinyConfig, TinyModel, state_of
 from helpers import build
 from safetensors.torch import load_file, save_file
 
@@ -255,3 +255,56 @@ def test_rerunning_a_finished_job_leaves_the_average(tmp_path):
     again.train(resume_from_checkpoint=True)
     assert again_cb.num_updates == updates == 16
     assert_identical(finals(again, again_cb)[0], expected)
+
+
+def comparable_state(state) -> dict:
+    """A TrainerState as transformers' own resume tests compare it: every field, the log history without the timings
+    and the train loss of the last segment (a resumed run averages the loss of its own steps only)."""
+    import dataclasses
+
+    fields = dataclasses.asdict(state)
+    timings = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss")
+    fields["log_history"] = [{k: v for k, v in log.items() if k not in timings} for log in fields["log_history"]]
+    return fields
+
+
+@pytest.mark.parametrize("kind", ["ema_trainer", "callback"])
+def test_resumed_run_ends_with_the_trainer_state_of_the_uninterrupted_run(tmp_path, kind):
+    """A resumed run is the same run continuing: it keeps the run id it resumes from, so its final TrainerState
+    (stateful callbacks included) equals the uninterrupted run's."""
+    ema_args = EMAArguments(half_life="4ba")
+    common = dict(num_train_epochs=2, save_strategy="steps", save_steps=8, logging_strategy="steps", logging_steps=4)
+    full, _, _ = build(tmp_path, ema_args, kind=kind, **common)
+    full.train()
+    expected = comparable_state(full.state)
+    assert expected["stateful_callbacks"]["hf_ema"]["attributes"]["run_id"]
+    shutil.rmtree(tmp_path / "checkpoint-16")
+    resumed, _, _ = build(tmp_path, ema_args, kind=kind, **common)
+    resumed.train(resume_from_checkpoint=True)
+    assert comparable_state(resumed.state) == expected
+    fresh, _, _ = build(tmp_path / "fresh", ema_args, kind=kind, **common)
+    fresh.train()  # a fresh run gets a fresh id
+    assert (
+        fresh.state.stateful_callbacks["hf_ema"]["attributes"]["run_id"]
+        != (expected["stateful_callbacks"]["hf_ema"]["attributes"]["run_id"])
+    )
+
+
+def test_a_branch_resumed_into_another_folder_is_not_mistaken_for_the_original(tmp_path):
+    """Two runs continuing one checkpoint share its run id; the folder each wrote in still tells their EMA states
+    apart: a stock Trainer resuming branch B's state while its output_dir A holds the original's checkpoint of the same
+    step reads B's EMA state, not A's."""
+    ema_args = EMAArguments(half_life="4ba")
+    common = dict(num_train_epochs=2, save_strategy="steps", save_steps=8)
+    original, _, original_cb = build(tmp_path / "a", ema_args, kind="callback", **common)
+    original.train()  # a/checkpoint-8, a/checkpoint-16
+    branch, _, branch_cb = build(tmp_path / "b", ema_args, kind="callback", **common)
+    branch.train_dataset = RegressionDataset(32, seed=5)  # other data from step 8 on
+    branch.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-8"))  # b/checkpoint-16, the same run id
+    expected = finals(branch, branch_cb)
+    assert not torch.equal(expected[0]["linear.weight"], finals(original, original_cb)[0]["linear.weight"])
+    again, _, again_cb = build(tmp_path / "a", ema_args, kind="callback", **common)
+    again.train_dataset = RegressionDataset(32, seed=5)
+    again.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-16"))  # one more step past max_steps
+    assert_identical(finals(again, again_cb)[0], expected[0])
+    assert_identical(finals(again, again_cb)[1], expected[1])
