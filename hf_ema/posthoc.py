@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ._version import __version__
+from .folders import copy_model_files, weight_files
 from .power import LeastSquares, PowerProfiles, expand_updates
 from .rules import SIGMA_REL_MAX, gamma_of_sigma_rel, sigma_rel_of_gamma, sigma_rel_of_half_life
 from .snapshots import PostHocError, Snapshot, list_snapshots, snapshot_dir
@@ -49,9 +49,6 @@ MIN_SNAPSHOT_TIMES = 2
 BF16_AMPLIFICATION_WARNING = 3.0  # coefficients summing above this (in absolute value) amplify bf16 rounding visibly
 EXPORT_INFO = "hf_ema_posthoc.json"
 _CHUNK_ELEMENTS = 2**26  # tensors synthesised together: float64 accumulators of at most 512 MiB
-# Files of a checkpoint that hold training state, not the model: an export never copies them.
-_TRAINING_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin", "README.md")
-_TRAINING_FILE_RE = re.compile(r"^(rng_state.*\.pth|ema_state.*|\..*)$")
 
 
 # ---- synthesis ----
@@ -319,12 +316,12 @@ def find_model_dir(output_dir: str | os.PathLike) -> str:
     """The folder whose config, tokenizer and untracked weights an export copies: `output_dir` when `save_model`
     wrote into it, else its latest `checkpoint-<step>` with model files."""
     output_dir = os.fspath(output_dir)
-    if _weight_files(output_dir):
+    if weight_files(output_dir):
         return output_dir
     checkpoints = sorted(
         (int(m.group(1)), name)
         for name in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
-        if (m := re.fullmatch(r"checkpoint-(\d+)", name)) and _weight_files(os.path.join(output_dir, name))
+        if (m := re.fullmatch(r"checkpoint-(\d+)", name)) and weight_files(os.path.join(output_dir, name))
     )
     if not checkpoints:
         raise PostHocError(
@@ -332,14 +329,6 @@ def find_model_dir(output_dir: str | os.PathLike) -> str:
             "Call trainer.save_model() after training, or pass model_dir= (--model-dir) a folder save_model wrote."
         )
     return os.path.join(output_dir, checkpoints[-1][1])
-
-
-def _weight_files(folder: str) -> list[str]:
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as handle:
-            return sorted(set(json.load(handle)["weight_map"].values()))
-    return ["model.safetensors"] if os.path.isfile(os.path.join(folder, "model.safetensors")) else []
 
 
 def export(
@@ -383,7 +372,7 @@ def export(
     solved = plan(output_dir, sigma_rel, step, half_life=half_life, tolerance=tolerance)
     weights = _accumulate(solved, torch.float32)
     model_dir = os.fspath(model_dir) if model_dir is not None else find_model_dir(output_dir)
-    files = _weight_files(model_dir)
+    files = weight_files(model_dir)
     if not files:
         found = [n for n in os.listdir(model_dir) if n.endswith((".bin", ".safetensors"))]
         raise PostHocError(
@@ -418,15 +407,7 @@ def export(
             "snapshots were written for, or names its weights differently. Pass model_dir= a folder save_model "
             "wrote for this model."
         )
-    for name in os.listdir(model_dir):
-        source = os.path.join(model_dir, name)
-        if (
-            os.path.isfile(source)
-            and not name.endswith((".safetensors", ".bin", ".pt", ".pth"))
-            and name not in _TRAINING_FILES
-            and not _TRAINING_FILE_RE.match(name)
-        ):
-            shutil.copy2(source, os.path.join(out, name))
+    copy_model_files(model_dir, out)
     info = {
         "hf_ema_version": __version__,
         "sigma_rel": solved.sigma_rel,
