@@ -141,6 +141,7 @@ def test_half_life_weights_against_the_recursion(tmp_path, capsys):
         s = 2.0 ** (-(step - previous) / 8)
         average = s * average + (1 - s) * w[step]
     assert sum(weights) == pytest.approx(1.0, abs=1e-15)
+    assert [round(c, 4) for c in weights] == [0.0884, 0.0262, 0.0782, 0.8072]  # as docs/average.md says
     assert weights[0] == pytest.approx(2.0 ** (-(30 - 2) / 8))
     assert main([str(tmp_path), "--half-life", "8ba", "--out", str(tmp_path / "ema"), "--no-progress"]) == 0
     assert "half-life 8ba" in capsys.readouterr().out
