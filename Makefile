@@ -29,7 +29,7 @@ TF4_DESELECT := \
 	tests/test_crash.py::test_kill_during_training_then_resume[callback \
 	tests/test_crash.py::test_kill_during_training_then_resume[ema_trainer-snapshot \
 	tests/test_crash.py::test_kill_during_training_then_resume[ema_trainer-sidecar-after \
-	tests/test_crash.py::test_kill_during_export \
+	tests/test_crash.py::test_kill_while_a_tool_writes_its_folder \
 	tests/test_crash.py::test_kill_during_the_sharded_write_then_resume
 
 # The peers' EMA libraries (timm, ema-pytorch, diffusers, torch-ema) for benchmarks/bench_peers.py; never part of CI.

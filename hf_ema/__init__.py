@@ -14,6 +14,7 @@ __all__ = [
     "EMAStateError",
     "EMATrainer",
     "__version__",
+    "average_checkpoints",
     "compute_ema",
 ]
 
@@ -24,6 +25,10 @@ def __getattr__(name):
         from .callback import EMACallback
 
         return EMACallback
+    if name == "average_checkpoints":  # lazily too: `python -m hf_ema.average` must find it not yet imported
+        from .average import average_checkpoints
+
+        return average_checkpoints
     if name == "EMAMixin":
         from .mixin import EMAMixin
 

@@ -353,18 +353,44 @@ def check_version(path: str, meta: dict) -> None:
 
 def check_fingerprint(path: str, expected: Mapping[str, list], found: Mapping[str, list]) -> None:
     """Raises `EMAStateError` naming the first differences when a sidecar belongs to another model."""
-    missing = [n for n in expected if n not in found]
-    extra = [n for n in found if n not in expected]
+    found_differences = differences(
+        expected,
+        found,
+        missing="missing from the file",
+        extra="not in the model",
+        found_in="in file",
+        expected_in="in model",
+    )
+    if found_differences:
+        raise EMAStateError(f"{path} holds the EMA of another model ({found_differences}).")
+
+
+def differences(
+    expected: Mapping[str, object],
+    found: Mapping[str, object],
+    *,
+    missing: str,
+    extra: str,
+    found_in: str,
+    expected_in: str,
+    most: int = 5,
+) -> str:
+    """The first differences between two `{name: (shape, dtype)}` descriptions of a model, for an error message
+    (`'missing ...: a | not in ...: b | shape or dtype differs: c: X found_in, Y expected_in'`); empty when none."""
+    absent = [n for n in expected if n not in found]
+    unknown = [n for n in found if n not in expected]
     changed = [
-        f"{n}: {found[n]} in file, {expected[n]} in model" for n in expected if n in found and found[n] != expected[n]
+        f"{n}: {found[n]} {found_in}, {expected[n]} {expected_in}"
+        for n in expected
+        if n in found and found[n] != expected[n]
     ]
-    if not (missing or extra or changed):
-        return
-    parts = []
-    if missing:
-        parts.append(f"missing from the file: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
-    if extra:
-        parts.append(f"not in the model: {', '.join(extra[:5])}" + (" ..." if len(extra) > 5 else ""))
-    if changed:
-        parts.append(f"shape or dtype differs: {'; '.join(changed[:5])}" + (" ..." if len(changed) > 5 else ""))
-    raise EMAStateError(f"{path} holds the EMA of another model ({' | '.join(parts)}).")
+    parts = [
+        f"{label}: {separator.join(names[:most])}" + (" ..." if len(names) > most else "")
+        for label, names, separator in (
+            (missing, absent, ", "),
+            (extra, unknown, ", "),
+            ("shape or dtype differs", changed, "; "),
+        )
+        if names
+    ]
+    return " | ".join(parts)

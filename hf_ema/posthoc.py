@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from torch import Tensor
 
 from ._version import __version__
 from .files import atomic_folder
+from .folders import ADAPTER_FILE, copy_model_files, weight_files
 from .power import LeastSquares, PowerProfiles, expand_updates
 from .rules import SIGMA_REL_MAX, gamma_of_sigma_rel, sigma_rel_of_gamma, sigma_rel_of_half_life
 from .snapshots import PostHocError, Snapshot, list_snapshots, snapshot_dir
@@ -50,9 +50,6 @@ MIN_SNAPSHOT_TIMES = 2
 BF16_AMPLIFICATION_WARNING = 3.0  # coefficients summing above this (in absolute value) amplify bf16 rounding visibly
 EXPORT_INFO = "hf_ema_posthoc.json"
 _CHUNK_ELEMENTS = 2**26  # tensors synthesised together: float64 accumulators of at most 512 MiB
-# Files of a checkpoint that hold training state, not the model: an export never copies them.
-_TRAINING_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin", "README.md")
-_TRAINING_FILE_RE = re.compile(r"^(rng_state.*\.pth|ema_state.*|\..*)$")
 
 
 # ---- synthesis ----
@@ -335,19 +332,8 @@ def find_model_dir(output_dir: str | os.PathLike) -> str:
     return os.path.join(output_dir, checkpoints[-1][1])
 
 
-ADAPTER_FILE = "adapter_model.safetensors"
-
-
-def _weight_files(folder: str) -> list[str]:
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as handle:
-            return sorted(set(json.load(handle)["weight_map"].values()))
-    return ["model.safetensors"] if os.path.isfile(os.path.join(folder, "model.safetensors")) else []
-
-
 def _has_weights(folder: str) -> bool:
-    return bool(_weight_files(folder)) or os.path.isfile(os.path.join(folder, ADAPTER_FILE))
+    return bool(weight_files(folder)) or os.path.isfile(os.path.join(folder, ADAPTER_FILE))
 
 
 def _file_names(weights: dict[str, Tensor], adapter: str | None, keys: set[str]) -> dict[str, str]:
@@ -422,7 +408,7 @@ def export(
     """
     solved = plan(output_dir, sigma_rel, step, half_life=half_life, tolerance=tolerance)
     model_dir = os.fspath(model_dir) if model_dir is not None else find_model_dir(output_dir)
-    files, adapter = _weight_files(model_dir), None
+    files, adapter = weight_files(model_dir), None
     if not files and os.path.isfile(os.path.join(model_dir, ADAPTER_FILE)):
         files, adapter = [ADAPTER_FILE], adapter_name
     if not files:
@@ -466,15 +452,7 @@ def export(
                 "snapshots were written for, or names its weights differently (a PEFT adapter of another name: pass "
                 "adapter_name=). Pass model_dir= a folder save_model wrote for this model."
             )
-        for name in os.listdir(model_dir):
-            source = os.path.join(model_dir, name)
-            if (
-                os.path.isfile(source)
-                and not name.endswith((".safetensors", ".bin", ".pt", ".pth"))
-                and name not in _TRAINING_FILES
-                and not _TRAINING_FILE_RE.match(name)
-            ):
-                shutil.copy2(source, os.path.join(temp, name))
+        copy_model_files(model_dir, temp)
         info = {
             "hf_ema_version": __version__,
             "sigma_rel": solved.sigma_rel,

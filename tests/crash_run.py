@@ -93,6 +93,12 @@ def export(out: str, source: str) -> None:
     posthoc.export(source, out, sigma_rel=0.07)
 
 
+def average(out: str, source: str) -> None:
+    from hf_ema.average import average_checkpoints
+
+    average_checkpoints(source, out, last=2, overwrite=True, progress=False)
+
+
 def sharded(out: str, resume: bool) -> None:
     import torch.distributed as dist
     from safetensors.torch import load_file, save_file
@@ -162,17 +168,18 @@ def main() -> None:
     run.add_argument("--resume")
     run.add_argument("--kill-step", type=int)
     run.add_argument("--kill-trainer-state", type=int)
-    exporting = commands.add_parser("export")
-    exporting.add_argument("out")
-    exporting.add_argument("source")
+    for name in ("export", "average"):
+        writing = commands.add_parser(name)
+        writing.add_argument("out")
+        writing.add_argument("source")
     loop = commands.add_parser("sharded")
     loop.add_argument("out")
     loop.add_argument("--resume", action="store_true")
     args = parser.parse_args()
     if args.command == "train":
         train(args.out, args.face, args.resume, args.kill_step, args.kill_trainer_state)
-    elif args.command == "export":
-        export(args.out, args.source)
+    elif args.command in ("export", "average"):
+        {"export": export, "average": average}[args.command](args.out, args.source)
     else:
         sharded(args.out, args.resume)
 

@@ -94,3 +94,41 @@ def run_example(name: str, *args: str) -> subprocess.CompletedProcess:
     )
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     return result
+
+
+OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1"}
+HEAVY_IMPORTS = "import torch, transformers, safetensors, hf_ema"
+
+
+def peak_memory(code: str, *args: str) -> int:
+    """Peak resident memory in bytes (`VmHWM`) of a fresh Python process that imports torch, transformers,
+    safetensors and hf_ema, then runs `code` (its `sys.argv[1:]` are `args`)."""
+    script = (
+        f"import sys\n{HEAVY_IMPORTS}\n{code}\n"
+        "print(next(line for line in open('/proc/self/status') if line.startswith('VmHWM:')).split()[1])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=600, env=OFFLINE
+    )
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return int(result.stdout.split()[-1]) * 1024
+
+
+def gpt2_checkpoints(folder, steps=(4, 8, 12), max_shard_size="20MB"):
+    """Writes `checkpoint-<step>` folders of one GPT-2 of 103 MiB (float32, 8 layers of 512, vocabulary 2048; its
+    largest tensors 4 MiB), its weights perturbed before each, in shards of `max_shard_size`; returns the folders."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=2048, n_positions=2048, n_embd=512, n_layer=8, n_head=8, bos_token_id=0, eos_token_id=0
+    )
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config)
+    folders = []
+    for step in steps:
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn_like(param), alpha=0.02)
+        folders.append(os.path.join(folder, f"checkpoint-{step}"))
+        model.save_pretrained(folders[-1], max_shard_size=max_shard_size)
+    return folders

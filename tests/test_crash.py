@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from hf_ema import files, posthoc
+from hf_ema.average import average_checkpoints
 
 RUN = Path(__file__).with_name("crash_run.py")
 REPORT: list[str] = []
@@ -142,22 +143,31 @@ def test_kill_during_training_then_resume(tmp_path, uninterrupted, caplog, face,
     REPORT.append(f"{face:<12} {point:<32} {outcome}")
 
 
+WRITERS = {  # tool: (the file that marks a complete folder, the reference written without a kill)
+    "export": ("hf_ema_posthoc.json", lambda source, out: posthoc.export(source, out, sigma_rel=0.07)),
+    "average": ("hf_ema_average.json", lambda source, out: average_checkpoints(source, out, last=2, progress=False)),
+}
+
+
 @pytest.mark.parametrize("stage", files.STAGES)
-def test_kill_during_export(tmp_path, uninterrupted, stage):
-    out = tmp_path / "export"
-    killed = launch("export", str(out), str(uninterrupted["ema_trainer"]), crash=f"export:{stage}")
+@pytest.mark.parametrize("tool", sorted(WRITERS))
+def test_kill_while_a_tool_writes_its_folder(tmp_path, uninterrupted, tool, stage):
+    """`posthoc.export` and `hf_ema.average` write a whole folder: after a kill it is complete or absent."""
+    out, source = tmp_path / tool, str(uninterrupted["ema_trainer"])
+    marker, write_reference = WRITERS[tool]
+    killed = launch(tool, str(out), source, crash=f"{tool}:{stage}")
     assert killed.returncode == KILLED, killed.stderr[-2000:]
     if stage == "after":  # renamed into place: complete
-        assert (out / "hf_ema_posthoc.json").is_file() and (out / "model.safetensors").is_file()
+        assert (out / marker).is_file() and (out / "model.safetensors").is_file()
     else:  # never a partial folder under the final name
         assert not out.exists()
-    again = launch("export", str(out), str(uninterrupted["ema_trainer"]))
+    again = launch(tool, str(out), source)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert sorted(os.listdir(tmp_path)) == ["export"]  # the temporary folder of the killed export is gone
-    reference = posthoc.export(uninterrupted["ema_trainer"], tmp_path / "reference", sigma_rel=0.07)
-    ours, theirs = load_file(out / "model.safetensors"), load_file(Path(reference) / "model.safetensors")
-    assert all(torch.equal(ours[key], theirs[key]) for key in theirs)
-    REPORT.append(f"{'export':<12} {'export-' + stage:<32} {'complete or absent; rerun equals the reference'}")
+    assert sorted(os.listdir(tmp_path)) == [tool]  # the temporary folder of the killed write is gone
+    write_reference(source, tmp_path / "reference")
+    ours, theirs = load_file(out / "model.safetensors"), load_file(tmp_path / "reference" / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in theirs)
+    REPORT.append(f"{tool:<12} {tool + '-' + stage:<32} {'complete or absent; rerun equals the reference'}")
 
 
 @pytest.fixture(scope="module")
