@@ -6,7 +6,15 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from .rules import SIGMA_REL_MAX, FixedSmoothing, HalfLife, PowerFunction, Rule, Warmup, gamma_of_sigma_rel
+from .rules import (
+    FixedSmoothing,
+    HalfLife,
+    PowerFunction,
+    Rule,
+    Warmup,
+    checked_sigma_rel,
+    gamma_of_sigma_rel,
+)
 from .time import Time, parse_time
 
 DEFAULT_HALF_LIFE = "1000ba"
@@ -16,7 +24,6 @@ RESUME_WITHOUT_STATE = ("error", "restart")
 BUFFERS = ("average", "copy")
 SCHEDULES = ("hf-ema", "composer")
 EVAL_DURING_TRAINING = ("all", "primary")
-SIGMA_REL_LIMIT = round(SIGMA_REL_MAX, 4)  # 0.2887, as users type the uniform average's sigma_rel
 
 
 @dataclass
@@ -259,12 +266,7 @@ class EMAArguments:
                     "give a `half_life` such as '1000ba'."
                 )
         for value in _values(self.sigma_rel):
-            if not (math.isfinite(value) and 0.0 < value <= SIGMA_REL_LIMIT):
-                raise ValueError(
-                    f"`sigma_rel` must be in (0, {SIGMA_REL_MAX:.4f}] (the relative width of an EDM2 power-function "
-                    f"average; {SIGMA_REL_MAX:.4f} is the uniform average, SWA), got {value!r}. Use e.g. "
-                    "sigma_rel=[0.05, 0.10]."
-                )
+            checked_sigma_rel(value, example="sigma_rel=[0.05, 0.10]")
         labels = self.labels
         if len(set(labels)) != len(labels) or len(set(self._parsed_values())) != len(labels):
             raise ValueError(
@@ -353,7 +355,7 @@ class EMAArguments:
         elif self.smoothing is not None:
             rules = [FixedSmoothing(value) for value in _values(self.smoothing)]
         else:
-            rules = [PowerFunction(gamma_of_sigma_rel(min(value, SIGMA_REL_MAX))) for value in _values(self.sigma_rel)]
+            rules = [PowerFunction(gamma_of_sigma_rel(value)) for value in _values(self.sigma_rel)]
         if self.ema_warmup_power is not None:
             rules = [Warmup(rule, float(self.ema_warmup_power), float(self.ema_warmup_inv_gamma)) for rule in rules]
         return dict(zip(self.labels, rules, strict=True))

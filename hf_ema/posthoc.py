@@ -113,12 +113,7 @@ def _target_gamma(sigma_rel: float | None, half_life: str | float | None, snapsh
         sigma_rel = sigma_rel_of_half_life(_half_life_steps(half_life, snapshot), snapshot.t)
     if isinstance(sigma_rel, bool) or not isinstance(sigma_rel, (int, float)):
         raise TypeError(f"`sigma_rel` must be a number, got {sigma_rel!r}. Use e.g. sigma_rel=0.07.")
-    if not (math.isfinite(sigma_rel) and 0.0 < sigma_rel <= round(SIGMA_REL_MAX, 4)):
-        raise ValueError(
-            f"`sigma_rel` must be in (0, {SIGMA_REL_MAX:.4f}] (the relative width of a power-function average; "
-            f"{SIGMA_REL_MAX:.4f} is the uniform average), got {sigma_rel!r}. Use e.g. sigma_rel=0.07."
-        )
-    return gamma_of_sigma_rel(min(float(sigma_rel), SIGMA_REL_MAX))
+    return gamma_of_sigma_rel(sigma_rel)
 
 
 def _half_life_steps(half_life: str | float, snapshot: Snapshot) -> float:

@@ -20,6 +20,9 @@ from typing import ClassVar, Protocol
 from .time import Clock, Time
 
 SIGMA_REL_MAX = 1.0 / math.sqrt(12.0)
+SIGMA_REL_LIMIT = round(
+    SIGMA_REL_MAX, 4
+)  # 0.2887, as users type the uniform average's sigma_rel: taken as SIGMA_REL_MAX
 """The largest `sigma_rel` of a power-function average: that of `gamma = 0`, the uniform average (SWA)."""
 
 
@@ -141,14 +144,24 @@ def sigma_rel_of_gamma(gamma: float) -> float:
     return math.sqrt((gamma + 1.0) / ((gamma + 2.0) ** 2 * (gamma + 3.0)))
 
 
+def checked_sigma_rel(sigma_rel: float, example: str = "sigma_rel=0.07") -> float:
+    """`sigma_rel` if it is in (0, `SIGMA_REL_LIMIT`], read as at most `SIGMA_REL_MAX` (0.2887, as typed, is the
+    uniform average); the one range check of every function and argument that takes a `sigma_rel`."""
+    if not (math.isfinite(sigma_rel) and 0.0 < sigma_rel <= SIGMA_REL_LIMIT):
+        raise ValueError(
+            f"`sigma_rel` must be in (0, {SIGMA_REL_LIMIT}] (the relative width of an EDM2 power-function average; "
+            f"{SIGMA_REL_LIMIT} is the uniform average, SWA), got {sigma_rel!r}. Use e.g. {example}."
+        )
+    return min(float(sigma_rel), SIGMA_REL_MAX)
+
+
 def gamma_of_sigma_rel(sigma_rel: float) -> float:
     """The exponent `gamma >= 0` of the power-function average whose relative width is `sigma_rel` (EDM2 eq. 3).
 
     `sigma_rel` falls as gamma grows, from `SIGMA_REL_MAX` (gamma 0, SWA) towards 0; solved by bisection to machine
     precision. `sigma_rel` 0.05 gives gamma 16.97, 0.10 gives 6.94.
     """
-    if not 0.0 < sigma_rel <= SIGMA_REL_MAX * (1 + 1e-12):
-        raise ValueError(f"sigma_rel must be in (0, {SIGMA_REL_MAX:.6f}], got {sigma_rel!r}.")
+    sigma_rel = checked_sigma_rel(sigma_rel)
     if sigma_rel >= SIGMA_REL_MAX:
         return 0.0
     low, high = 0.0, 1.0
@@ -178,8 +191,7 @@ def half_life_of_sigma_rel(sigma_rel: float, steps: float) -> float:
         sigma_rel (`float`): the relative width, in (0, 0.2887].
         steps (`float`): optimizer steps since averaging started (`t` of the power-function rule).
     """
-    if not 0.0 < sigma_rel <= SIGMA_REL_MAX * (1 + 1e-12):
-        raise ValueError(f"sigma_rel must be in (0, {SIGMA_REL_MAX:.6f}], got {sigma_rel!r}.")
+    sigma_rel = checked_sigma_rel(sigma_rel)
     if not (math.isfinite(steps) and steps > 0):
         raise ValueError(f"steps must be a positive number of optimizer steps, got {steps!r}.")
     return math.log(2.0) * sigma_rel * steps

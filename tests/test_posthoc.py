@@ -138,6 +138,19 @@ def test_half_life_and_sigma_rel():
     assert math.sqrt(s) / (1 - s) == pytest.approx(1000 / math.log(2), rel=1e-6)
     with pytest.raises(ValueError, match="wider than any power-function average"):
         sigma_rel_of_half_life(1000, 1000)
+
+
+def test_every_sigma_rel_entry_point_takes_the_uniform_average_as_users_type_it():
+    """0.2887 (1/sqrt(12) = 0.288675... rounded, as the docs and users write it) is the uniform average (gamma 0)
+    wherever a sigma_rel is taken; above it, every entry point refuses with the same message."""
+    width = 1 / math.sqrt(12)  # the relative standard deviation of a uniform average's ages (gamma 0)
+    assert gamma_of_sigma_rel(0.2887) == 0.0 == next(iter(EMAArguments(sigma_rel=0.2887).rules().values())).gamma
+    assert half_life_of_sigma_rel(0.2887, 1000) == pytest.approx(math.log(2) * width * 1000, rel=1e-12)
+    assert sigma_rel_of_gamma(0.0) == pytest.approx(width, rel=1e-12)
+    for entry in (gamma_of_sigma_rel, lambda v: half_life_of_sigma_rel(v, 1000), lambda v: EMAArguments(sigma_rel=v)):
+        for value in (0.2888, 0.0, float("nan")):
+            with pytest.raises(ValueError, match=r"`sigma_rel` must be in \(0, 0.2887\]"):
+                entry(value)
     with pytest.raises(ValueError, match="positive"):
         sigma_rel_of_half_life(-1, 1000)
 
