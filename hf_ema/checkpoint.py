@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .files import atomic_file, crash_point, finish_folder, temporary_folder
+from .files import atomic_file, crash_point, finish_folder, temporary_folder, temporary_folder_path
 
 SIDECAR_NAME = "ema_state.safetensors"
 SHARDED_SIDECAR_NAME = "ema_state"
@@ -226,7 +226,7 @@ def save_sharded_sidecar(
         temporary_folder(final)  # empty; one left by an earlier crash is removed
     if distributed:
         dist.barrier()
-    temp = os.path.join(directory, f".{SHARDED_SIDECAR_NAME}.tmp")
+    temp = temporary_folder_path(final)  # the main process made it; every rank writes its shards into it
     with _single_process_quiet():
         dcp.save(dict(state), storage_writer=dcp.FileSystemWriter(temp, sync_files=True), no_dist=not distributed)
     if distributed:

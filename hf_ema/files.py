@@ -81,11 +81,15 @@ def atomic_file(path: str | os.PathLike, what: str) -> Iterator[str]:
     crash_point(what, "after")
 
 
-def temporary_folder(path: str | os.PathLike) -> str:
-    """Creates (empty) and returns the temporary folder `finish_folder` renames to `path`; one left by a crash is
-    removed first."""
+def temporary_folder_path(path: str | os.PathLike) -> str:
+    """The name of the temporary folder `finish_folder` renames to `path` (`.<name>.tmp` beside it)."""
     path = os.path.abspath(os.fspath(path))
-    temp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+
+
+def temporary_folder(path: str | os.PathLike) -> str:
+    """Creates (empty) and returns `temporary_folder_path(path)`; one left by a crash is removed first."""
+    temp = temporary_folder_path(path)
     shutil.rmtree(temp, ignore_errors=True)
     os.makedirs(temp)
     return temp

@@ -32,6 +32,15 @@ def weight_files(folder: str) -> list[str]:
     return [MODEL_FILE] if os.path.isfile(os.path.join(folder, MODEL_FILE)) else []
 
 
+def saved_weight_files(folder: str) -> tuple[list[str], bool]:
+    """`(files, adapter)`: `weight_files(folder)` with `adapter` False, else `[ADAPTER_FILE]` with `adapter` True
+    where PEFT's `save_pretrained` wrote an adapter there, else `([], False)`."""
+    files = weight_files(folder)
+    if not files and os.path.isfile(os.path.join(folder, ADAPTER_FILE)):
+        return [ADAPTER_FILE], True
+    return files, False
+
+
 def copied_files(folder: str) -> list[str]:
     """The files of `folder` an export copies: config, generation config, tokenizer, processor, adapter config, the
     shard index ...; not weights, training state, hidden files or the model card."""

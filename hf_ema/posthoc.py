@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ._version import __version__
 from .files import atomic_folder
-from .folders import ADAPTER_FILE, copy_model_files, weight_files
+from .folders import ADAPTER_FILE, MODEL_FILE, copy_model_files, saved_weight_files
 from .power import LeastSquares, PowerProfiles, expand_updates
 from .rules import SIGMA_REL_MAX, gamma_of_sigma_rel, sigma_rel_of_gamma, sigma_rel_of_half_life
 from .snapshots import PostHocError, Snapshot, list_snapshots, snapshot_dir
@@ -312,23 +312,20 @@ def find_model_dir(output_dir: str | os.PathLike) -> str:
     """The folder whose config, tokenizer and untracked weights an export copies: `output_dir` when `save_model`
     wrote into it, else its latest `checkpoint-<step>` with model files."""
     output_dir = os.fspath(output_dir)
-    if _has_weights(output_dir):
+    if saved_weight_files(output_dir)[0]:
         return output_dir
     checkpoints = sorted(
         (int(m.group(1)), name)
         for name in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
-        if (m := re.fullmatch(r"checkpoint-(\d+)", name)) and _has_weights(os.path.join(output_dir, name))
+        if (m := re.fullmatch(r"checkpoint-(\d+)", name)) and saved_weight_files(os.path.join(output_dir, name))[0]
     )
     if not checkpoints:
         raise PostHocError(
-            f"{output_dir} holds no model folder to export into (no model.safetensors or adapter_model.safetensors there nor in a checkpoint-*). "
+            f"{output_dir} holds no model folder to export into (no {MODEL_FILE} or {ADAPTER_FILE} there nor in a "
+            "checkpoint-*). "
             "Call trainer.save_model() after training, or pass model_dir= (--model-dir) a folder save_model wrote."
         )
     return os.path.join(output_dir, checkpoints[-1][1])
-
-
-def _has_weights(folder: str) -> bool:
-    return bool(weight_files(folder)) or os.path.isfile(os.path.join(folder, ADAPTER_FILE))
 
 
 def _file_names(weights: dict[str, Tensor], adapter: str | None, keys: set[str]) -> dict[str, str]:
@@ -403,13 +400,12 @@ def export(
     """
     solved = plan(output_dir, sigma_rel, step, half_life=half_life, tolerance=tolerance)
     model_dir = os.fspath(model_dir) if model_dir is not None else find_model_dir(output_dir)
-    files, adapter = weight_files(model_dir), None
-    if not files and os.path.isfile(os.path.join(model_dir, ADAPTER_FILE)):
-        files, adapter = [ADAPTER_FILE], adapter_name
+    files, is_adapter = saved_weight_files(model_dir)
+    adapter = adapter_name if is_adapter else None
     if not files:
         found = [n for n in os.listdir(model_dir) if n.endswith((".bin", ".safetensors"))]
         raise PostHocError(
-            f"{model_dir} has no model.safetensors nor {ADAPTER_FILE} (found: {', '.join(found) or 'no weight files'});"
+            f"{model_dir} has no {MODEL_FILE} nor {ADAPTER_FILE} (found: {', '.join(found) or 'no weight files'});"
             " an export replaces the tensors of a safetensors model or adapter folder. Save with "
             "save_safetensors=True, or pass model_dir= a folder save_model wrote."
         )
