@@ -53,7 +53,9 @@ class EMAArguments:
             (SWA) of the weights since `ema_start`.
         ema_warmup_power (`float`, *optional*):
             Warm the smoothing up as timm and diffusers do: an update `t` optimizer steps after the start uses
-            `min(s, 1 - (1 + t / ema_warmup_inv_gamma) ** -ema_warmup_power)`. Usual values: 2/3 (long runs), 3/4.
+            `min(s, 1 - (1 + (t - 1) / ema_warmup_inv_gamma) ** -ema_warmup_power)`, their decay at the same step
+            (`update_after_step` = `ema_start`); the first update copies the weights. Usual values: 2/3 (long runs),
+            3/4.
         ema_warmup_inv_gamma (`float`, *optional*, defaults to 1.0):
             `inv_gamma` of the warmup; larger values warm up more slowly.
         update_interval (`str`, *optional*):
@@ -145,7 +147,7 @@ class EMAArguments:
     ema_warmup_power: float | None = field(
         default=None,
         metadata={
-            "help": "Warm the smoothing up as timm/diffusers do: min(s, 1 - (1 + t / inv_gamma) ** -power), t = "
+            "help": "Warm the smoothing up as timm/diffusers do: min(s, 1 - (1 + (t - 1) / inv_gamma) ** -power), t = "
             "optimizer steps since the start (2/3 or 3/4 are usual). Off by default."
         },
     )

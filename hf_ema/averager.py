@@ -30,6 +30,7 @@ from .checkpoint import (
 )
 from .layout import comm_device
 from .placement import TRAINING, Placement, Target
+from .rules import Warmup
 from .schedule import START, EMASchedule, Update
 from .store import EMAStore
 from .time import Clock
@@ -346,6 +347,21 @@ class Averager:
                 path,
                 self.ema_args.to_dict(),
                 meta.get("ema_args"),
+            )
+        old_warmups = [
+            label
+            for label, rule in (meta.get("rules") or {}).items()
+            if rule.get("rule") == "warmup" and rule.get("count") != Warmup.COUNT
+        ]
+        if old_warmups and self.log:
+            logger.warning(
+                "%s was written by hf-ema %s, whose warmup (averages %s) counted t optimizer steps where timm and "
+                "diffusers count t - 1; the averages continue with their count, so the next updates' smoothing is "
+                "that of one step earlier than before (at step t, 1 - t ** -power against 1 - (1 + t) ** -power "
+                "with inv_gamma 1).",
+                path,
+                meta.get("hf_ema_version"),
+                ", ".join(old_warmups),
             )
         prefixes = self._match_averages(path, average_prefixes(meta))
         schedule = self._new_schedule()

@@ -6,7 +6,7 @@ the start of averaging (`needs_start`). A new rule is one class here plus the `E
 
 - `HalfLife`: Composer's rule, `s = 2 ** (-elapsed / half_life)` (the default).
 - `FixedSmoothing`: the same `s` at every update.
-- `Warmup`: timm's and diffusers' warmup around another rule, `min(inner, 1 - (1 + t / inv_gamma) ** -power)`.
+- `Warmup`: timm's and diffusers' warmup around another rule, `min(inner, 1 - (1 + (t - 1) / inv_gamma) ** -power)`.
 - `PowerFunction`: EDM2's power-function average, `s = (1 - elapsed / t) ** (gamma + 1)`; `gamma = 0` is the uniform
   average (SWA).
 """
@@ -100,21 +100,31 @@ class FixedSmoothing:
 class Warmup:
     """timm's and diffusers' warmup: the smoothing grows from 0 towards the inner rule's.
 
-    `s = min(inner, 1 - (1 + t / inv_gamma) ** -power)` with `t` the optimizer steps since averaging started. The
-    first update (t = 1) uses `1 - 2 ** -power` with inv_gamma 1; power 2/3 reaches 0.999 near 31k steps, 3/4 near 10k.
+    `s = min(inner, 1 - (1 + (t - 1) / inv_gamma) ** -power)` with `t` the optimizer steps since averaging started:
+    timm's `ModelEmaV3.get_decay(step)` and diffusers' `EMAModel.get_decay(step)`, which count
+    `max(0, step - update_after_step - 1)`, at the same optimizer step. The first update of a per-step schedule
+    (t = 1) is a copy of the weights (s = 0); power 2/3 reaches 0.999 near 31k steps, 3/4 near 10k.
     """
 
     inner: Rule
     power: float
     inv_gamma: float = 1.0
     needs_start: ClassVar[bool] = True
+    COUNT: ClassVar[str] = "t-1"
+    """How the description names the step count (checkpoints written before it counted `t`, without the key)."""
 
     def __call__(self, counters: Counters) -> float:
-        warm = 1.0 - (1.0 + max(counters.steps, 0.0) / self.inv_gamma) ** -self.power
+        warm = 1.0 - (1.0 + max(counters.steps - 1.0, 0.0) / self.inv_gamma) ** -self.power
         return min(self.inner(counters), warm)
 
     def describe(self) -> dict:
-        return {"rule": "warmup", "power": self.power, "inv_gamma": self.inv_gamma, "inner": self.inner.describe()}
+        return {
+            "rule": "warmup",
+            "power": self.power,
+            "inv_gamma": self.inv_gamma,
+            "count": self.COUNT,
+            "inner": self.inner.describe(),
+        }
 
 
 @dataclass(frozen=True)

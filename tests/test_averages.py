@@ -123,20 +123,88 @@ def test_two_half_lives_match_their_references(tmp_path, kind):
     assert_close(state_of(callback.training_model()), recorder.weights[16], rtol=0, atol=0)
 
 
+def peers_warmup_decay(step: int, decay: float, update_after_step: int, power: float, inv_gamma: float) -> float:
+    """The decay at optimizer step `step` of timm's `ModelEmaV3.get_decay(step)` and diffusers'
+    `EMAModel.get_decay(optimization_step)` with warmup on and `min_decay=0` (timm 1.0.31, diffusers 0.42.1): both
+    count `max(0, step - update_after_step - 1)`, and 0 steps is a copy of the weights."""
+    count = max(0, step - update_after_step - 1)
+    if count <= 0:
+        return 0.0
+    return min(1 - (1 + count / inv_gamma) ** -power, decay)
+
+
+def peers_ema(weights, steps, **rule):
+    """Float64 EMA as timm and diffusers run it: a copy of the weights when built (step 0), then every optimizer step
+    `ema = decay * ema + (1 - decay) * w` with their decay."""
+    return reference_ema(weights, 0, [(k, peers_warmup_decay(k, **rule)) for k in range(1, steps + 1)])
+
+
 def test_warmup_rule(tmp_path):
     args = EMAArguments(smoothing=[0.8, 0.95], ema_warmup_power=2 / 3, ema_warmup_inv_gamma=2.0)
     trainer, recorder, callback = build(tmp_path, args, num_train_epochs=2)
     trainer.train()
     for smoothing in (0.8, 0.95):
-        updates = [(t, min(smoothing, 1 - (1 + t / 2.0) ** (-2 / 3))) for t in range(1, 17)]
+        updates = [(t, min(smoothing, 1 - (1 + (t - 1) / 2.0) ** (-2 / 3))) for t in range(1, 17)]
         assert_close(state_of(callback.ema_model(label=str(smoothing))), reference_ema(recorder.weights, 0, updates))
+
+
+@pytest.mark.parametrize("start", [0, 3])
+def test_warmup_equals_timm_and_diffusers_at_every_update(tmp_path, start):
+    """The warmup's smoothing at each optimizer step is timm's and diffusers' decay at that step (their
+    `update_after_step` is `ema_start`): the first update copies the weights, and the averages agree after every
+    update, not only at the end."""
+    args = EMAArguments(smoothing=0.95, ema_warmup_power=2 / 3, ema_start=f"{start}ba")
+    averages = {}
+
+    class Averages(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):  # the average as the previous step left it
+            if callback.num_updates:
+                averages[state.global_step] = state_of(callback.ema_model())
+
+        on_train_end = on_step_begin
+
+    trainer, recorder, callback = build(tmp_path, args, num_train_epochs=2, callbacks=[Averages()])
+    trainer.train()
+    rule = dict(decay=0.95, update_after_step=start, power=2 / 3, inv_gamma=1.0)
+    assert sorted(averages) == list(range(start + 1, 17))
+    assert_close(averages[start + 1], recorder.weights[start + 1], rtol=0, atol=1e-7)  # the first update is a copy
+    for step, average in averages.items():
+        assert_close(average, peers_ema(recorder.weights, step, **rule))
+
+
+def test_resuming_a_warmup_written_with_the_old_count_says_so(tmp_path, caplog):
+    """A checkpoint whose warmup counted t (hf-ema before issue 21's item 7) continues with the count of timm and
+    diffusers; the resume says so, naming the average, and a checkpoint written now resumes without the warning."""
+    args = EMAArguments(smoothing=0.95, ema_warmup_power=2 / 3)
+    first, _, _ = build(tmp_path, args, num_train_epochs=2, save_strategy="steps", save_steps=8)
+    first.train()
+    path = tmp_path / "checkpoint-8" / SIDECAR
+    with safe_open(path, "pt") as handle:
+        meta = json.loads(handle.metadata()["hf_ema"])
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    assert meta["rules"]["0.95"]["count"] == "t-1"
+    for old in (False, True):
+        if old:
+            del meta["rules"]["0.95"]["count"]
+            meta["hf_ema_version"] = "0.1.0"
+            save_file(tensors, path, metadata={"hf_ema": json.dumps(meta, sort_keys=True)})
+        shutil.rmtree(tmp_path / "checkpoint-16")
+        resumed, _, _ = build(tmp_path, args, num_train_epochs=2, save_strategy="steps", save_steps=8)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="hf_ema"):
+            resumed.train(resume_from_checkpoint=True)
+        told = [r.getMessage() for r in caplog.records if "counted t optimizer steps" in r.getMessage()]
+        assert len(told) == int(old), told
+        if old:
+            assert "hf-ema 0.1.0" in told[0] and "(averages 0.95)" in told[0] and "timm and diffusers" in told[0]
 
 
 def test_warmup_counts_steps_since_a_late_start(tmp_path):
     args = EMAArguments(smoothing=0.9, ema_warmup_power=1.0, ema_start="5ba", update_interval="2ba")
     trainer, recorder, callback = build(tmp_path, args, num_train_epochs=2)
     trainer.train()
-    updates = [(k, min(0.9, 1 - 1 / (1 + (k - 5)))) for k in range(7, 17, 2)]  # t = k - 5 steps since the start
+    # t = k - 5 steps since the start, counted as t - 1 (timm, diffusers): 1 optimizer step at the first update
+    updates = [(k, min(0.9, 1 - 1 / (1 + (k - 6)))) for k in range(7, 17, 2)]
     assert_close(state_of(callback.ema_model()), reference_ema(recorder.weights, 5, updates))
 
 
