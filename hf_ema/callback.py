@@ -79,6 +79,8 @@ class EMACallback(TrainerCallback):
         self.averager = Averager(ema_args)
         self.trainer = None  # an EMAMixin trainer that bound itself (see `bind`)
         self.training = False  # between on_train_begin and on_train_end
+        self.trial_output_dir: str | None = None  # told by an EMAMixin trainer for a hyper-parameter search trial
+        self.output_dir: str | None = None  # where this train() writes checkpoints and snapshots
         self._sidecar_step: int | None = None
 
     # ---- public helpers ----
@@ -196,24 +198,30 @@ class EMACallback(TrainerCallback):
             else:
                 averager.placement.place(TRAINING)  # a second train(): continue from the training weights
         guards.check_units(averager, args, state)
+        if self.trainer is None:
+            guards.refuse_search_without_trial_folder(averager, args, state)
+        # A hyper-parameter search trial writes into its own folder (output_dir/run-<trial id>/, which only the
+        # Trainer's _get_output_dir knows): its EMA state, snapshots and run stamp go there too.
+        trial_dir = self.trial_output_dir if state.is_hyper_param_search else None
+        self.output_dir = os.fspath(trial_dir or args.output_dir)
         averager.reset(model, sharded=guards.backend_layout(args, model, self.trainer is not None) == "sharded")
         averager.log = args.should_log
         self._sidecar_step, self.training = None, True
         guards.tell_what_a_stock_trainer_skips(averager, args, self.trainer is not None)
         callbacks = state.stateful_callbacks if isinstance(state.stateful_callbacks, dict) else None
-        stamp, resumed_run = stamp_run(callbacks, state.global_step, args.output_dir)
+        stamp, resumed_run = stamp_run(callbacks, state.global_step, self.output_dir)
         averager.run_id, averager.run_output_dir = stamp["run_id"], stamp["output_dir"]
         clock = self._clock(args, state)
         if state.global_step > 0:
             told = self.resume_from_checkpoint is not None
             folder = (
-                os.fspath(self.resume_from_checkpoint) if told else run_checkpoint(args.output_dir, state.global_step)
+                os.fspath(self.resume_from_checkpoint) if told else run_checkpoint(self.output_dir, state.global_step)
             )
             resume(averager, folder, told, resumed_run, state.global_step, clock)
         elif averager.schedule.starts_at_zero:
             averager.start(clock, state.global_step)
         guards.warn_if_no_update_can_happen(averager, args, state, kwargs.get("train_dataloader"), clock)
-        averager.begin_snapshots(args.output_dir, state.global_step, clock, main=args.process_index == 0)
+        averager.begin_snapshots(self.output_dir, state.global_step, clock, main=args.process_index == 0)
         self._apply("on_train_begin", args, control)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -255,7 +263,6 @@ class EMACallback(TrainerCallback):
             and self._checkpoint_wants_ema()
             and self.placement.holds is TRAINING
             and self._sidecar_step != state.global_step
-            and state.trial_name is None
         ):
             logger.warning(
                 "checkpoint-%d holds the training weights in its model files (its EMA state says so, and resuming "
@@ -336,21 +343,17 @@ class EMACallback(TrainerCallback):
 
     def _write_state_before_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl) -> None:
         # Before the Trainer writes the model files, hub pushes or rotation: a crash leaves no checkpoint whose EMA
-        # state is missing. An EMAMixin trainer writes it itself, into the folder it really saves to; with
-        # hyper-parameter search the folder differs, so on_save writes it then.
-        if control.should_save and self.trainer is None and state.trial_name is None:
+        # state is missing. An EMAMixin trainer writes it itself, into the folder it really saves to.
+        if control.should_save and self.trainer is None:
             # The model files get what the model holds when the Trainer saves, after an evaluation that may come
             # first: the primary average if checkpoints hold the EMA (on_evaluate keeps it for the save), else the
             # training weights.
             model_files = self.placement.primary if self._checkpoint_wants_ema() else TRAINING
-            self.save_state(run_checkpoint(args.output_dir, state.global_step), args, state, model_files=model_files)
+            self.save_state(run_checkpoint(self.output_dir, state.global_step), args, state, model_files=model_files)
 
     def _write_checkpoint_state(self, args: TrainingArguments, state: TrainerState) -> None:
-        # Called on every rank (sharded averages are gathered); the main process writes. Hyper-parameter search
-        # trials save under output_dir/run-<id>/, a folder callbacks are not told: EMATrainer writes those itself.
-        if state.trial_name is not None:
-            return
-        self.save_state(run_checkpoint(args.output_dir, state.global_step), args, state)
+        # Called on every rank (sharded averages are gathered); the main process writes.
+        self.save_state(run_checkpoint(self.output_dir, state.global_step), args, state)
 
     def _load_best(self, state: TrainerState, model: nn.Module) -> None:
         folder = state.best_model_checkpoint

@@ -92,6 +92,27 @@ def check_units(averager: Averager, args: TrainingArguments, state: TrainerState
         )
 
 
+def refuse_search_without_trial_folder(averager: Averager, args: TrainingArguments, state: TrainerState) -> None:
+    """Refuses a stock Trainer's hyper-parameter search trial that would write EMA files: the Trainer writes a
+    trial's checkpoints into `output_dir/run-<trial id>/` (`Trainer._get_output_dir(trial)`), a folder callbacks are
+    not told, so the EMA state and snapshots would land in `output_dir`, shared by every trial."""
+    strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
+    saves, snapshots = strategy != "no", averager.ema_args.ema_snapshot_every is not None
+    if not state.is_hyper_param_search or not (saves or snapshots):
+        return
+    writes = " and ".join(
+        what for what, on in (("checkpoints' EMA state", saves), ("post-hoc snapshots", snapshots)) if on
+    )
+    raise ValueError(
+        f"EMACallback on a stock Trainer cannot run a hyperparameter_search trial that writes {writes} "
+        f"(save_strategy={strategy!r}, "
+        f"ema_snapshot_every={averager.ema_args.ema_snapshot_every!r}): the Trainer writes each trial into "
+        f"{args.output_dir}/run-<trial id>/, a folder a callback is not told, so every trial's EMA files would go "
+        "into output_dir and overwrite each other. Use EMATrainer (or a Trainer subclass mixing in hf_ema.EMAMixin), "
+        "which puts them into the trial's folder; or set save_strategy='no' and ema_snapshot_every=None."
+    )
+
+
 def tell_what_a_stock_trainer_skips(averager: Averager, args: TrainingArguments, bound: bool) -> None:
     if bound or not args.should_log:
         return

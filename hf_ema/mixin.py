@@ -141,15 +141,17 @@ class EMAMixin:
 
     # ---- training ----
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, *args: Any, **kwargs: Any):
         path = resume_from_checkpoint
         if path is True:
             path = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
         self._ema_callback.resume_from_checkpoint = path if isinstance(path, (str, os.PathLike)) else None
+        # A hyper-parameter search trial's checkpoints go into the Trainer's folder for it; its EMA files go there too.
+        self._ema_callback.trial_output_dir = self._get_output_dir(trial=trial) if trial is not None else None
         # A second train() continues from the training weights: put them back before any callback looks.
         self._ema_callback.restore_training_weights()
         try:
-            return super().train(resume_from_checkpoint, *args, **kwargs)
+            return super().train(resume_from_checkpoint, trial, *args, **kwargs)
         except BaseException:
             self._ema_callback.restore_training_weights()  # an evaluation or save raised mid-window
             raise

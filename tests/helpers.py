@@ -132,3 +132,70 @@ def gpt2_checkpoints(folder, steps=(4, 8, 12), max_shard_size="20MB"):
         folders.append(os.path.join(folder, f"checkpoint-{step}"))
         model.save_pretrained(folders[-1], max_shard_size=max_shard_size)
     return folders
+
+
+#
+# ---- hyper-parameter search ----
+#
+# No search backend is a test dependency (optuna, Ray Tune and W&B are not installed), so a stand-in takes optuna's
+# place in transformers' backend table: it drives the trials the way `run_hp_search_optuna` does in one process
+# (`trainer.train(resume_from_checkpoint=..., trial=trial)` per trial, then `evaluate()` for the objective), and its
+# trials carry what transformers reads of an `optuna.Trial`: `number` (the trial's folder, `run-<number>`, in
+# `Trainer._get_output_dir`) and `params`. Everything between is the Trainer's own code: `_hp_search_setup` sets the
+# trial's arguments and `_save_checkpoint` writes into `_get_output_dir(trial)`.
+
+TRIAL_RATES = [0.05, 0.02]  # the learning rate of trial 0 and trial 1
+
+
+class StandInTrial:
+    def __init__(self, number: int, params: dict):
+        self.number, self.params = number, params
+
+
+def stand_in_search(monkeypatch, resume: dict | None = None):
+    """Makes `hyperparameter_search(backend="optuna")` run one trial per entry of TRIAL_RATES (or the trials of
+    `resume`, {number: checkpoint}), resuming each from its checkpoint as optuna does when given one."""
+    from transformers import integrations
+    from transformers.hyperparameter_search import ALL_HYPERPARAMETER_SEARCH_BACKENDS, HyperParamSearchBackendBase
+    from transformers.trainer_utils import BestRun, HPSearchBackend
+
+    class StandInOptuna(HyperParamSearchBackendBase):
+        name = "optuna"
+
+        @staticmethod
+        def is_available():
+            return True
+
+        def run(self, trainer, n_trials, direction, **kwargs):
+            objectives = {}
+            for number in resume or range(n_trials):
+                trial = StandInTrial(number, {"learning_rate": TRIAL_RATES[number]})
+                trainer.objective = None
+                trainer.train(resume_from_checkpoint=(resume or {}).get(number), trial=trial)
+                if trainer.objective is None:
+                    trainer.objective = trainer.compute_objective(trainer.evaluate())
+                objectives[number] = trainer.objective
+            best = min(objectives, key=objectives.get)
+            return BestRun(str(best), objectives[best], {"learning_rate": TRIAL_RATES[best]})
+
+        def default_hp_space(self, trial):
+            return trial.params
+
+    monkeypatch.setitem(ALL_HYPERPARAMETER_SEARCH_BACKENDS, HPSearchBackend.OPTUNA, StandInOptuna)
+    # TrainerState reads the trial's params with this helper, which knows only the installed backends' trials.
+    monkeypatch.setattr(integrations, "hp_params", lambda trial: trial.params)
+
+
+def search_trainer(folder, ema_args, kind="ema_trainer", model=None, **overrides):
+    """A trainer of the tiny model built by model_init for each trial (or on `model`, for a run alone)."""
+    args = make_args(folder, **{"save_strategy": "steps", "save_steps": 4, **overrides})
+    common = dict(
+        model=model,
+        model_init=None if model is not None else (lambda: TinyModel(TinyConfig())),
+        args=args,
+        train_dataset=RegressionDataset(32),
+        eval_dataset=RegressionDataset(16, seed=1),
+    )
+    if kind == "ema_trainer":
+        return EMATrainer(ema_args=ema_args, **common)
+    return Trainer(callbacks=[EMACallback(ema_args)], **common)

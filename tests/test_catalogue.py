@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 from conftest import RegressionDataset, TinyConfig, TinyModel, make_args
-from helpers import build, fake_zero3, tiny_llama
+from helpers import build, fake_zero3, search_trainer, stand_in_search, tiny_llama
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
@@ -25,6 +25,13 @@ def two_callbacks(tmp_path):
 
     callbacks = [EMACallback(), EMACallback(EMAArguments(half_life="50ba"))]
     Trainer(model=TinyModel(TinyConfig()), args=make_args(tmp_path), callbacks=callbacks)
+
+
+def stock_trainer_search(tmp_path):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        stand_in_search(monkeypatch)
+        ema_args = EMAArguments(sigma_rel=[0.05, 0.1], ema_snapshot_every="2ba")
+        search_trainer(tmp_path, ema_args, kind="callback").hyperparameter_search(n_trials=2, backend="optuna")
 
 
 def trainer_plus_callback(tmp_path):
@@ -335,6 +342,12 @@ CATALOGUE = [
     ("checkpoint weights unknown", args_case(ema_checkpoint_weights="both"), ValueError, ["`ema_checkpoint_weights`"]),
     ("callback given a string", callback_with_string, TypeError, ["EMAArguments"]),
     ("trainer given settings twice", trainer_with_both, ValueError, ["`ema_args`", "EMACallback"]),
+    (
+        "stock Trainer in hyperparameter_search, writing checkpoints or snapshots",
+        stock_trainer_search,
+        ValueError,
+        ["hyperparameter_search", "run-<trial id>", "EMAMixin", "save_strategy='no'"],
+    ),
     ("compute_ema mismatched models", compute_ema_mismatch, KeyError, ["no tensor named", "deepcopy"]),
     ("two EMACallbacks on one Trainer", two_callbacks, ValueError, ["already has an EMACallback", "half_life=["]),
     ("EMATrainer given an EMACallback", trainer_plus_callback, ValueError, ["already keeps an EMA", "half_life=["]),

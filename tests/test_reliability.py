@@ -6,10 +6,11 @@ import os
 import pytest
 import torch
 from conftest import Recorder, RegressionDataset, TinyConfig, TinyModel, assert_close, state_of
-from helpers import build, ema_at, eval_loss
+from helpers import TRIAL_RATES, build, ema_at, eval_loss, search_trainer, stand_in_search
+from safetensors import safe_open
 from transformers import TrainerCallback
 
-from hf_ema import EMAArguments, EMATrainer
+from hf_ema import EMAArguments, EMACallback, EMATrainer, posthoc
 
 
 class ShiftedEval(RegressionDataset):
@@ -264,3 +265,83 @@ def test_evaluate_before_training_says_so_once(tmp_path, caplog):
         trainer.evaluate()
         trainer.evaluate()
     assert caplog.text.count("EMA averaging has not started yet; using the training weights.") == 1
+
+
+# ---- hyper-parameter search ----
+#
+# With the stand-in for optuna of helpers.stand_in_search: the Trainer's own code between the backend and the trial's
+# train() (`_hp_search_setup`, `_get_output_dir(trial)`, `_save_checkpoint`).
+
+
+def tensors(path):
+    with safe_open(os.fspath(path), "pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is not a dict)
+
+
+def assert_same_files(folder, reference, names):
+    for name in names:
+        got, expected = tensors(folder / name), tensors(reference / name)
+        assert set(got) == set(expected), name
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=f"{folder / name} {key}")
+
+
+HP_SEARCH_ARGS = {
+    "snapshots": dict(sigma_rel=[0.05, 0.1], ema_snapshot_every="2ba"),
+    "half_life": dict(half_life=["4ba", "16ba"]),
+}
+
+
+@pytest.mark.parametrize("settings", list(HP_SEARCH_ARGS))
+def test_hyperparameter_search_trials_keep_their_own_ema_files(tmp_path, monkeypatch, settings):
+    stand_in_search(monkeypatch)
+    ema_args = EMAArguments(**HP_SEARCH_ARGS[settings])
+    search = search_trainer(tmp_path / "search", ema_args)
+    search.hyperparameter_search(n_trials=len(TRIAL_RATES), backend="optuna")
+    # Each trial's checkpoints and EMA files are in its own folder, as the Trainer puts its checkpoints: none in
+    # output_dir itself, none shared or set aside by the next trial.
+    assert sorted(os.listdir(tmp_path / "search")) == ["run-0", "run-1"]
+    snapshot_steps = [2, 4, 6, 8] if settings == "snapshots" else []
+    for number, rate in enumerate(TRIAL_RATES):
+        trial = tmp_path / "search" / f"run-{number}"
+        alone = tmp_path / f"alone-{number}"  # the same trial trained alone: what its files must hold
+        search_trainer(alone, ema_args, learning_rate=rate, model=TinyModel(TinyConfig())).train()
+        assert sorted(os.listdir(trial)) == sorted(os.listdir(alone))
+        for step in (4, 8):  # each checkpoint's EMA state and model files (the primary average) are that trial's
+            assert_same_files(trial / f"checkpoint-{step}", alone / f"checkpoint-{step}", ["ema_state.safetensors"])
+            assert_same_files(trial / f"checkpoint-{step}", alone / f"checkpoint-{step}", ["model.safetensors"])
+        assert [s.step for s in posthoc.list_snapshots(trial)] == snapshot_steps
+        for step in snapshot_steps:
+            assert_same_files(
+                trial / "ema_snapshots", alone / "ema_snapshots", [f"snapshot-{step}/ema_state.safetensors"]
+            )
+        if snapshot_steps:
+            synthesized, expected = posthoc.synthesize(trial, 0.07), posthoc.synthesize(alone, 0.07)
+            assert_close(synthesized, {n: t.double() for n, t in expected.items()}, rtol=0, atol=0)
+    if snapshot_steps:  # two series, two run ids
+        assert len({posthoc.list_snapshots(tmp_path / "search" / f"run-{n}")[0].meta["run"] for n in (0, 1)}) == 2
+
+    # A trial resumed from its own checkpoint (as optuna resumes one) continues its own EMA files and ends as if
+    # uninterrupted.
+    stand_in_search(monkeypatch, resume={0: str(tmp_path / "search" / "run-0" / "checkpoint-4")})
+    search_trainer(tmp_path / "search", ema_args).hyperparameter_search(n_trials=1, backend="optuna")
+    trial, alone = tmp_path / "search" / "run-0", tmp_path / "alone-0"
+    assert_same_files(trial / "checkpoint-8", alone / "checkpoint-8", ["ema_state.safetensors", "model.safetensors"])
+    assert [s.step for s in posthoc.list_snapshots(trial)] == snapshot_steps
+    for step in snapshot_steps:
+        assert_same_files(trial / "ema_snapshots", alone / "ema_snapshots", [f"snapshot-{step}/ema_state.safetensors"])
+
+
+def test_hyperparameter_search_with_a_stock_trainer_is_refused_before_writing(tmp_path, monkeypatch):
+    # A callback is not told the trial's folder (`_get_output_dir` is the Trainer's), so it cannot put the trial's
+    # EMA files beside its checkpoints: refused at the first trial's start, before any file is written.
+    stand_in_search(monkeypatch)
+    ema_args = EMAArguments(sigma_rel=[0.05, 0.1], ema_snapshot_every="2ba")
+    with pytest.raises(ValueError, match="hyperparameter_search.*EMAMixin"):
+        search_trainer(tmp_path, ema_args, kind="callback").hyperparameter_search(n_trials=2, backend="optuna")
+    assert not os.path.exists(tmp_path) or os.listdir(tmp_path) == []
+    # Without checkpoints or snapshots it writes nothing, and the search runs on the EMA (its objective too).
+    trainer = search_trainer(tmp_path, EMAArguments(half_life="4ba"), kind="callback", save_strategy="no")
+    best = trainer.hyperparameter_search(n_trials=2, backend="optuna")
+    callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, EMACallback))
+    assert best.run_id in ("0", "1") and callback.num_updates == 8 and os.listdir(tmp_path) == []

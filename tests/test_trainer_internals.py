@@ -22,6 +22,7 @@ def test_private_trainer_methods_overridden_or_called():
     assert parameters(Trainer._save_checkpoint)[:3] == ["self", "model", "trial"]  # EMATrainer._save_checkpoint
     assert parameters(Trainer._save)[:3] == ["self", "output_dir", "state_dict"]  # EMATrainer._save
     assert parameters(Trainer._get_output_dir)[:2] == ["self", "trial"]  # sidecar folder of a checkpoint
+    assert parameters(Trainer.train)[:3] == ["self", "resume_from_checkpoint", "trial"]  # EMAMixin.train passes both
     loop = parameters(Trainer.evaluation_loop)  # ema_eval_training_weights
     for name in ("dataloader", "description", "prediction_loss_only", "ignore_keys", "metric_key_prefix"):
         assert name in loop, name
@@ -44,7 +45,7 @@ def test_callback_hooks_and_state_fields():
         assert callable(getattr(TrainerCallback, hook, None)), hook
     state = TrainerState()
     for field in ("global_step", "epoch", "max_steps", "num_train_epochs", "num_input_tokens_seen",
-                  "train_batch_size", "trial_name", "best_model_checkpoint"):  # fmt: skip
+                  "train_batch_size", "is_hyper_param_search", "best_model_checkpoint"):  # fmt: skip
         assert hasattr(state, field), field
 
 
