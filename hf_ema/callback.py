@@ -314,7 +314,11 @@ class EMACallback(TrainerCallback):
         self._apply(hook, args, control)
         self._write_state_before_save(args, state, control)
         if self.averager.snapshots is not None:  # no clock to build on every step without snapshots
-            final = state.max_steps > 0 and state.global_step >= state.max_steps
+            # The last step of the run, also when a callback stops it early: at max_steps the Trainer's flow callback
+            # has set should_training_stop before this on_step_end; a stop set later in the step (an evaluation's
+            # EarlyStoppingCallback, a callback listed after this one) is seen by on_epoch_end, which the Trainer
+            # calls on the way out.
+            final = control.should_training_stop or (state.max_steps > 0 and state.global_step >= state.max_steps)
             self.averager.snapshot(self._clock(args, state), state.global_step, final, main=args.process_index == 0)
 
     @staticmethod

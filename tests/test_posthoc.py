@@ -18,9 +18,10 @@ import torch
 from conftest import TinyConfig, TinyModel
 from helpers import build
 from safetensors import safe_open
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import EarlyStoppingCallback, HfArgumentParser, TrainerCallback, TrainingArguments
 
 from hf_ema import EMAArguments, guards, posthoc
+from hf_ema.checkpoint import SIDECAR_NAME as SIDECAR
 from hf_ema.checkpoint import save_sharded_sidecar
 from hf_ema.posthoc import PostHocError
 from hf_ema.power import LeastSquares, PowerProfiles, expand_updates
@@ -251,6 +252,77 @@ def test_snapshot_times_follow_the_interval_and_the_last_step(tmp_path):
     assert [s.t for s in snapshots] == [20, 30]  # the last update before each
     assert snapshots[-1].meta["updates"] == [[5, 6, 5]]
     assert expand_updates(snapshots[-1].meta["updates"]).tolist() == [5, 10, 15, 20, 25, 30]
+
+
+class StopAt(TrainerCallback):
+    """Stops training at the end of optimizer step `step`, as an interrupting callback does."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def assert_snapshot_is_the_average_at(folder, weights, step):
+    """The snapshot of `step` holds both tracked averages of the weights up to `step`, to float32 rounding."""
+    (snapshot,) = [s for s in posthoc.list_snapshots(folder) if s.step == step]
+    assert snapshot.t == step and snapshot.meta["num_updates"] == step
+    with safe_open(snapshot.file, "pt") as handle:
+        for label, sigma_rel in zip(["0.05", "0.1"], TRACKED, strict=True):
+            for name, value in power_reference(weights, gamma_of_sigma_rel(sigma_rel), step).items():
+                got = handle.get_tensor(f"average/{label}/{name}").double()
+                torch.testing.assert_close(got, value, rtol=1e-6, atol=1e-6)
+    return snapshot
+
+
+@pytest.mark.parametrize("kind", ["ema_trainer", "callback"])
+def test_early_stopping_ends_with_a_snapshot_of_the_last_step(tmp_path, kind):
+    """EarlyStoppingCallback stops the run after the evaluation of step 12 (no evaluation can improve by 1e9): the
+    series ends with a snapshot of step 12, not with the periodic one of step 8, equal to the checkpoint's EMA state
+    there, and synthesis at the end of the run works."""
+    trainer, recorder, _ = build(
+        tmp_path,
+        snapshot_args(),
+        kind=kind,
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=1, early_stopping_threshold=1e9)],
+        num_train_epochs=8,
+        eval_strategy="steps",
+        eval_steps=6,
+        save_strategy="steps",
+        save_steps=6,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+    )
+    trainer.train()
+    assert trainer.state.global_step == 12 and trainer.state.max_steps == STEPS
+    assert [s.step for s in posthoc.list_snapshots(tmp_path)] == [8, 12]
+    snapshot = assert_snapshot_is_the_average_at(tmp_path, recorder.weights, 12)
+    with safe_open(snapshot.file, "pt") as snap, safe_open(tmp_path / "checkpoint-12" / SIDECAR, "pt") as state:
+        for key in snap.keys():
+            assert torch.equal(snap.get_tensor(key), state.get_tensor(key)), key
+    reference = power_reference(recorder.weights, gamma_of_sigma_rel(0.1), 12)
+    assert relative_error(posthoc.synthesize(tmp_path, 0.1), reference, recorder.weights[12]) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["ema_trainer", "callback"])
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_a_callback_stopping_training_ends_with_a_snapshot_of_the_last_step(tmp_path, kind, where):
+    """`control.should_training_stop` set at step 10 by a callback listed before or after EMACallback: the last
+    snapshot is of step 10, and the model ends holding the same primary average."""
+    trainer, recorder, callback = build(tmp_path, snapshot_args(), kind=kind, num_train_epochs=8)
+    stop = StopAt(10)
+    trainer.callback_handler.callbacks.insert(
+        trainer.callback_handler.callbacks.index(callback) + (where == "after"), stop
+    )
+    trainer.train()
+    assert trainer.state.global_step == 10
+    assert [s.step for s in posthoc.list_snapshots(tmp_path)] == [8, 10]
+    snapshot = assert_snapshot_is_the_average_at(tmp_path, recorder.weights, 10)
+    with safe_open(snapshot.file, "pt") as handle:
+        for name, value in trainer.model.state_dict().items():
+            assert torch.equal(handle.get_tensor(f"average/0.05/{name}"), value), name
 
 
 def test_synthesis_errors_against_float64_references(run):
