@@ -25,6 +25,22 @@ from .time import Clock
 logger = logging.getLogger(__name__)
 
 
+def saves_as_best(args: TrainingArguments, state: TrainerState, metrics: dict[str, float] | None) -> bool:
+    """Whether the Trainer saves a checkpoint after the evaluation whose `metrics` on_evaluate was given, under
+    save_strategy="best": `Trainer._determine_best_metric`'s rule (a strict improvement of `metric_for_best_model`
+    on `state.best_metric`), which it applies right after on_evaluate, before it updates `state.best_metric`."""
+    if str(getattr(args.save_strategy, "value", args.save_strategy)) != "best" or not metrics:
+        return False
+    name = args.metric_for_best_model
+    key = name if name is None or name.startswith("eval_") else f"eval_{name}"
+    if key not in metrics:  # one of several eval datasets, or an evaluation the Trainer does not judge
+        return False
+    value, best = metrics[key], state.best_metric
+    if args.greater_is_better:
+        return bool(value > (float("-inf") if best is None else best))
+    return bool(value < (float("inf") if best is None else best))
+
+
 class EMACallback(TrainerCallback):
     """Keeps exponential moving averages of the model weights during `Trainer.train()`.
 
@@ -254,7 +270,13 @@ class EMACallback(TrainerCallback):
                 "`callbacks` (or use EMATrainer, whose evaluate() always uses the EMA).",
                 state.global_step,
             )
-        self._apply("on_evaluate", args, control)
+        best = self.training and saves_as_best(args, state, kwargs.get("metrics"))
+        self._apply("on_evaluate", args, control, best=best)
+        if best and self.trainer is None and not self.averager.sharded:
+            # The Trainer writes the checkpoint's model files and, on transformers 4.x (no on_push_begin), starts
+            # its hub upload before on_save: the EMA state goes in now, recording what on_evaluate just placed.
+            # (Sharded averages: on_save, as before; a collective here is untested.)
+            self._write_checkpoint_state(args, state)
 
     def on_save(self, args, state, control, **kwargs):
         if (
@@ -275,7 +297,8 @@ class EMACallback(TrainerCallback):
 
     def on_push_begin(self, args, state, control, **kwargs):
         # An intermediate hub push runs inside the Trainer's checkpoint save, before rotation: the sidecar must be
-        # in the folder before it is uploaded (save_strategy="best" has no earlier hook).
+        # in the folder before it is uploaded. on_step_end or on_evaluate (save_strategy="best") wrote it already,
+        # unless a callback listed after this one set should_save. (transformers 4.x has no on_push_begin.)
         # Only the main process pushes, so a gather (sharded averages) cannot run here; on_save writes it then.
         if self.model is not None and control.should_save and not self.averager.sharded:
             self._write_checkpoint_state(args, state)
@@ -297,16 +320,15 @@ class EMACallback(TrainerCallback):
 
     # ---- internals ----
 
-    def _apply(self, hook: str, args: TrainingArguments, control: TrainerControl) -> None:
+    def _apply(self, hook: str, args: TrainingArguments, control: TrainerControl, best: bool = False) -> None:
         """Places what `hook`'s row of `hf_ema.placement.HOOKS` asks for, during train() and outside the user's
-        explicit blocks."""
+        explicit blocks. `best`: the evaluation just made is a new best that save_strategy="best" saves."""
         if not self.training or self.placement.explicit:
             return
         target = self.placement.for_hook(
             hook,
             evaluates=control.should_evaluate,
-            saves_ema=control.should_save and self._checkpoint_wants_ema(),
-            best_pending=str(getattr(args.save_strategy, "value", args.save_strategy)) == "best",
+            saves_ema=(control.should_save or best) and self._checkpoint_wants_ema(),
         )
         self.placement.place(target)
 

@@ -37,8 +37,8 @@ Target = str | Training
 #   "training": the training weights.
 #   "window":   the primary average if the Trainer evaluates, or writes a checkpoint that holds the EMA, right after
 #               this hook (control.should_evaluate / should_save), else the training weights.
-#   "after_eval": after an evaluation: keep the primary for a checkpoint that follows it (or for
-#               save_strategy="best", decided after this hook), else the training weights.
+#   "after_eval": after an evaluation: keep the primary for a checkpoint with the EMA that follows it (for
+#               save_strategy="best": the evaluation is a new best), else the training weights.
 #   "primary":  the primary average (the end of training: whatever the user does next uses it).
 HOOKS: dict[str, str] = {
     "on_train_begin": "training",
@@ -91,14 +91,14 @@ class Placement:
         if store is not None:
             store.discard_swap()
 
-    def for_hook(self, hook: str, *, evaluates: bool, saves_ema: bool, best_pending: bool) -> Target:
+    def for_hook(self, hook: str, *, evaluates: bool, saves_ema: bool) -> Target:
         """The target `HOOKS` gives for `hook`, resolved with the Trainer's intentions right after it."""
         rule = HOOKS[hook]
         primary = self.primary
         if rule == "window":
             return primary if evaluates or saves_ema else TRAINING
         if rule == "after_eval":
-            return primary if saves_ema or best_pending else TRAINING
+            return primary if saves_ema else TRAINING
         return primary if rule == "primary" else TRAINING
 
     @property

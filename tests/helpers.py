@@ -33,6 +33,14 @@ def build(tmp_path, ema_args, kind="ema_trainer", model=None, callbacks=(), **ar
     return trainer, recorder, callback
 
 
+class ShiftedEval(RegressionDataset):
+    """Eval targets from weights between the start and the optimum, so the best checkpoint is not the last."""
+
+    def __init__(self):
+        super().__init__(16, seed=1)
+        self.y = self.x @ torch.tensor([0.7, -0.35, 0.95]) + 0.12
+
+
 def eval_loss(weights: dict[str, torch.Tensor], dataset=None) -> float:
     """Float64 mean squared error of the tiny linear model with `weights` on the eval set."""
     dataset = dataset if dataset is not None else RegressionDataset(16, seed=1)

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 from conftest import RegressionDataset, assert_close, state_of
-from helpers import build, ema_at, eval_loss
+from helpers import ShiftedEval, build, ema_at, eval_loss
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -198,6 +198,7 @@ class FakeHub:
 
     def __init__(self, root):
         self.root, self.uploads = root, []
+        self.step = lambda: None  # a test may tell it the trainer's global_step at upload time
 
     def create_repo(self, api, repo_id, *args, **kwargs):
         from huggingface_hub import RepoUrl
@@ -207,7 +208,7 @@ class FakeHub:
     def upload_folder(self, api, *args, folder_path, path_in_repo=None, run_as_future=False, **kwargs):
         snapshot = self.root / f"upload-{len(self.uploads)}"
         shutil.copytree(folder_path, snapshot, ignore=shutil.ignore_patterns("checkpoint-*", "_*"))
-        self.uploads.append({"path_in_repo": path_in_repo, "snapshot": snapshot, **kwargs})
+        self.uploads.append({"path_in_repo": path_in_repo, "snapshot": snapshot, "step": self.step(), **kwargs})
         if run_as_future:
             from concurrent.futures import Future
 
@@ -264,3 +265,60 @@ def test_push_to_hub_pushes_ema_and_sidecar(tmp_path, fake_hub):
     card = (final / "README.md").read_text()
     assert "exponential moving average (EMA)" in card and "half-life `4ba`" in card and "16 updates" in card
     assert "hf-ema" in card.split("---")[1]  # tag in the card's metadata
+
+
+def train_best(tmp_path, ema_args, kind, hub=None, **overrides):
+    """Trains 16 steps under save_strategy="best" on `eval_loss` of ShiftedEval, evaluated every 2 steps; returns the
+    trainer, its recorder and the steps whose evaluation was a new best (those the Trainer saves)."""
+    best = dict(eval_strategy="steps", eval_steps=2, save_strategy="best", metric_for_best_model="eval_loss")
+    trainer, recorder, _ = build(tmp_path, ema_args, kind=kind, num_train_epochs=2, **best, **overrides)
+    trainer.eval_dataset = ShiftedEval()
+    if hub is not None:
+        hub.step = lambda: trainer.state.global_step
+    trainer.train()
+    evals = {h["step"]: h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h}
+    saved = [s for s in evals if evals[s] == min(v for t, v in evals.items() if t <= s)]
+    assert 0 < len(saved) < len(evals)  # some evaluations save, some do not
+    return trainer, recorder, saved
+
+
+@pytest.mark.parametrize("kind", ["ema_trainer", "callback"])
+@pytest.mark.parametrize("hub_strategy", ["every_save", "checkpoint"])
+def test_best_checkpoint_pushes_hold_ema_and_their_sidecar(tmp_path, fake_hub, kind, hub_strategy):
+    """save_strategy="best" decides a save after the evaluation, after every on_step_end: each upload, made inside
+    the Trainer's checkpoint save (transformers 4.x has no on_push_begin), must already hold the EMA in its model file
+    and, for a checkpoint folder, the EMA state of that step (issue 21 item 6)."""
+    hub = dict(push_to_hub=True, hub_model_id="tester/tiny-ema", hub_strategy=hub_strategy, hub_token="fake")
+    _, recorder, saved = train_best(tmp_path / "out", EMAArguments(half_life="4ba"), kind, hub=fake_hub, **hub)
+    model_pushes = [u for u in fake_hub.uploads if u["path_in_repo"] is None]
+    checkpoint_pushes = [u for u in fake_hub.uploads if u["path_in_repo"] == "last-checkpoint"]
+    assert [u["step"] for u in model_pushes] == saved
+    assert [u["step"] for u in checkpoint_pushes] == (saved if hub_strategy == "checkpoint" else [])
+    for push in model_pushes + checkpoint_pushes:  # the model file as uploaded, against the float64 reference EMA
+        assert_close(as_float64(load_file(push["snapshot"] / "model.safetensors")), ema_at(recorder, push["step"]))
+    for push in checkpoint_pushes:
+        step, sidecar = push["step"], push["snapshot"] / "ema_state.safetensors"
+        assert sidecar.is_file(), f"checkpoint-{step} was uploaded without its EMA state: {os.listdir(sidecar.parent)}"
+        with safe_open(sidecar, "pt") as handle:
+            meta = json.loads(handle.metadata()["hf_ema"])
+            average = {k[len("average/4ba/") :]: handle.get_tensor(k) for k in handle.keys() if "average/4ba/" in k}
+        assert meta["global_step"] == step and meta["model_files"] == "ema"
+        assert_close(as_float64(average), ema_at(recorder, step))
+
+
+@pytest.mark.parametrize("kind", ["ema_trainer", "callback"])
+@pytest.mark.parametrize("holds", ["ema", "training"])
+def test_best_checkpoints_hold_what_was_asked(tmp_path, kind, holds):
+    """save_strategy="best": a checkpoint for each new best and no other folder (none holding only EMA state), each
+    with the model files `ema_checkpoint_weights` asks for and its EMA state saying so."""
+    _, recorder, saved = train_best(tmp_path, EMAArguments(half_life="4ba", ema_checkpoint_weights=holds), kind)
+    assert sorted(os.listdir(tmp_path)) == sorted(f"checkpoint-{s}" for s in saved)
+    for step in saved:
+        folder = tmp_path / f"checkpoint-{step}"
+        with safe_open(folder / "ema_state.safetensors", "pt") as handle:
+            assert json.loads(handle.metadata()["hf_ema"])["model_files"] == holds
+        model_file = as_float64(load_file(folder / "model.safetensors"))
+        if holds == "training":
+            assert_close(model_file, recorder.weights[step], rtol=0, atol=0)
+        else:
+            assert_close(model_file, ema_at(recorder, step))

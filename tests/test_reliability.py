@@ -6,19 +6,11 @@ import os
 import pytest
 import torch
 from conftest import Recorder, RegressionDataset, TinyConfig, TinyModel, assert_close, state_of
-from helpers import TRIAL_RATES, build, ema_at, eval_loss, search_trainer, stand_in_search
+from helpers import TRIAL_RATES, ShiftedEval, build, ema_at, eval_loss, search_trainer, stand_in_search
 from safetensors import safe_open
 from transformers import TrainerCallback
 
 from hf_ema import EMAArguments, EMACallback, EMATrainer, posthoc
-
-
-class ShiftedEval(RegressionDataset):
-    """Eval targets from weights between the start and the optimum, so the best checkpoint is not the last."""
-
-    def __init__(self):
-        super().__init__(16, seed=1)
-        self.y = self.x @ torch.tensor([0.7, -0.35, 0.95]) + 0.12
 
 
 @pytest.mark.parametrize("kind", ["ema_trainer", "callback"])

@@ -39,7 +39,7 @@ def test_private_trainer_methods_overridden_or_called():
 def test_callback_hooks_and_state_fields():
     hooks = ["on_init_end", "on_train_begin", "on_step_begin", "on_pre_optimizer_step", "on_step_end", "on_epoch_end",
              "on_evaluate", "on_save", "on_train_end"]  # fmt: skip
-    if TRANSFORMERS_MAJOR >= 5:  # 4.x has no on_push_begin: EMACallback's sidecar goes in at on_step_end / on_save
+    if TRANSFORMERS_MAJOR >= 5:  # 4.x has no on_push_begin: the sidecar goes in at on_step_end / on_evaluate
         hooks.append("on_push_begin")
     for hook in hooks:
         assert callable(getattr(TrainerCallback, hook, None)), hook
@@ -47,6 +47,19 @@ def test_callback_hooks_and_state_fields():
     for field in ("global_step", "epoch", "max_steps", "num_train_epochs", "num_input_tokens_seen",
                   "train_batch_size", "is_hyper_param_search", "best_model_checkpoint"):  # fmt: skip
         assert hasattr(state, field), field
+
+
+def test_best_save_rule():
+    """hf_ema.callback.saves_as_best foresees, in on_evaluate, the save save_strategy="best" makes after it: the
+    Trainer's own rule, read here from its source."""
+    decide = inspect.getsource(Trainer._maybe_log_save_evaluate)
+    assert decide.index("_evaluate(") < decide.index("_determine_best_metric(") < decide.index("_save_checkpoint(")
+    assert "self.control.should_save = is_new_best_metric" in decide
+    rule = inspect.getsource(Trainer._determine_best_metric)
+    assert 'metric_to_check = f"eval_{metric_to_check}"' in rule
+    assert "operator = np.greater if self.args.greater_is_better else np.less" in rule
+    assert 'self.state.best_metric = float("-inf") if self.args.greater_is_better else float("inf")' in rule
+    assert "if operator(metric_value, self.state.best_metric):" in rule
 
 
 def test_checkpoint_folder_name_and_skipped_steps():
