@@ -25,16 +25,18 @@ from .time import Clock
 logger = logging.getLogger(__name__)
 
 
-def saves_as_best(args: TrainingArguments, state: TrainerState, metrics: dict[str, float] | None) -> bool:
+def saves_as_best(args: TrainingArguments, state: TrainerState, metrics: dict[str, float] | None) -> bool | None:
     """Whether the Trainer saves a checkpoint after the evaluation whose `metrics` on_evaluate was given, under
     save_strategy="best": `Trainer._determine_best_metric`'s rule (a strict improvement of `metric_for_best_model`
-    on `state.best_metric`), which it applies right after on_evaluate, before it updates `state.best_metric`."""
+    on `state.best_metric`), which it applies right after on_evaluate, before it updates `state.best_metric`.
+    None when these metrics cannot tell: another of several eval datasets, evaluated before or after the one
+    `metric_for_best_model` names, whose own on_evaluate decides."""
     if str(getattr(args.save_strategy, "value", args.save_strategy)) != "best" or not metrics:
         return False
     name = args.metric_for_best_model
     key = name if name is None or name.startswith("eval_") else f"eval_{name}"
     if key not in metrics:  # one of several eval datasets, or an evaluation the Trainer does not judge
-        return False
+        return None
     value, best = metrics[key], state.best_metric
     if args.greater_is_better:
         return bool(value > (float("-inf") if best is None else best))
@@ -270,9 +272,10 @@ class EMACallback(TrainerCallback):
                 "`callbacks` (or use EMATrainer, whose evaluate() always uses the EMA).",
                 state.global_step,
             )
-        best = self.training and saves_as_best(args, state, kwargs.get("metrics"))
-        self._apply("on_evaluate", args, control, best=best)
-        if best and self.trainer is None and not self.averager.sharded:
+        best = saves_as_best(args, state, kwargs.get("metrics")) if self.training else False
+        # Undecided (another eval dataset's metrics): keep what the judging dataset's on_evaluate placed or will.
+        self._apply("on_evaluate", args, control, best=best is not False)
+        if best is True and self.trainer is None and not self.averager.sharded:
             # The Trainer writes the checkpoint's model files and, on transformers 4.x (no on_push_begin), starts
             # its hub upload before on_save: the EMA state goes in now, recording what on_evaluate just placed.
             # (Sharded averages: on_save, as before; a collective here is untested.)

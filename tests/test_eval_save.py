@@ -322,3 +322,23 @@ def test_best_checkpoints_hold_what_was_asked(tmp_path, kind, holds):
             assert_close(model_file, recorder.weights[step], rtol=0, atol=0)
         else:
             assert_close(model_file, ema_at(recorder, step))
+
+
+@pytest.mark.parametrize("kind", ["ema_trainer", "callback"])
+def test_best_checkpoints_with_several_eval_datasets_hold_the_ema(tmp_path, kind):
+    """Several eval datasets: the Trainer evaluates each (one on_evaluate per dataset, each with its own metrics) and
+    judges the best on one of them after all: an evaluation of another dataset, listed last, must not put the
+    training weights back before the save."""
+    best = dict(eval_strategy="steps", eval_steps=2, save_strategy="best", metric_for_best_model="eval_shifted_loss")
+    trainer, recorder, _ = build(tmp_path, EMAArguments(half_life="4ba"), kind=kind, num_train_epochs=2, **best)
+    trainer.eval_dataset = {"shifted": ShiftedEval(), "plain": RegressionDataset(16, seed=1)}
+    trainer.train()
+    evals = {h["step"]: h["eval_shifted_loss"] for h in trainer.state.log_history if "eval_shifted_loss" in h}
+    saved = [s for s in evals if evals[s] == min(v for t, v in evals.items() if t <= s)]
+    assert 0 < len(saved) < len(evals)
+    assert sorted(os.listdir(tmp_path)) == sorted(f"checkpoint-{s}" for s in saved)
+    for step in saved:
+        folder = tmp_path / f"checkpoint-{step}"
+        with safe_open(folder / "ema_state.safetensors", "pt") as handle:
+            assert json.loads(handle.metadata()["hf_ema"])["model_files"] == "ema"
+        assert_close(as_float64(load_file(folder / "model.safetensors")), ema_at(recorder, step))
