@@ -384,6 +384,18 @@ def test_resume_with_other_averages_is_refused(tmp_path, saved, asked, words):
         assert word in str(info.value), (word, str(info.value))
 
 
+def test_changed_bema_settings_continue_with_a_warning(tmp_path, caplog):
+    # As a changed half-life of a single average: the counters and theta_0 carry over, the new kappa applies from here.
+    folder = _bema_checkpoint(tmp_path, EMAArguments(bema=True))
+    resumed, recorder, callback = build(tmp_path, EMAArguments(bema=True, bema_ema_power=0.7), **RUN)
+    with caplog.at_level(logging.WARNING, logger="hf_ema"):
+        resumed.train(resume_from_checkpoint=str(folder))
+    assert "settings differ" in caplog.text
+    theta0 = {n: t.double() for n, t in callback.store.origins["bema"].items()}
+    initial = state_of(TinyModel(TinyConfig()))  # the weights at step 0 of the checkpointed run
+    assert_close(theta0, initial, rtol=0, atol=0)
+
+
 def test_checkpoint_without_bema_fields_resumes_as_before_without_a_warning(tmp_path, caplog):
     # A checkpoint written before BEMA existed records settings without the bema fields: the same settings, no warning.
     args = EMAArguments(half_life="4ba")
