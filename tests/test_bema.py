@@ -125,10 +125,13 @@ def test_checkpoint_model_files_hold_the_readout_and_the_sidecar_theta0(tmp_path
     assert set(stored) == {
         f"{kind}/{n}" for kind in ("average/bema", "origin/bema", "training") for n in state_of(trainer.model)
     }
-    assert_close(as64({k.removeprefix("origin/bema/"): t for k, t in stored.items() if k.startswith("origin/")}),
-                 recorder.weights[0], rtol=0, atol=0)  # fmt: skip
-    assert_close(as64({k.removeprefix("training/"): t for k, t in stored.items() if k.startswith("training/")}),
-                 recorder.weights[8], rtol=0, atol=0)  # fmt: skip
+
+    def part(prefix):
+        return {k.removeprefix(prefix): t.double() for k, t in stored.items() if k.startswith(prefix)}
+
+    assert_close(part("origin/bema/"), recorder.weights[0], rtol=0, atol=0)  # theta_0: the weights at the start
+    assert_close(part("training/"), recorder.weights[8], rtol=0, atol=0)
+    assert_close(part("average/bema/"), bema_reference(recorder.weights, 6, every=3, now=0))  # EMA_6 itself
 
 
 # ---- TRL ----
@@ -291,6 +294,16 @@ def test_half_life_and_bema_together(tmp_path):
     with trainer.ema_weights(label="bema"):
         assert_close(state_of(trainer.model), bema)
     assert_close(state_of(trainer.model), half_life)
+
+
+def test_power_function_and_bema_together(tmp_path):
+    # sigma_rel 0.2887 (gamma 0) is the uniform average of the weights at every update: SWA beside BEMA.
+    trainer, recorder, callback = build(tmp_path, EMAArguments(sigma_rel=0.2887, bema=True), **RUN)
+    trainer.train()
+    assert callback.labels == ["0.2887", "bema"]
+    swa = {n: sum(recorder.weights[k][n] for k in range(1, STEPS + 1)) / STEPS for n in recorder.weights[0]}
+    assert_close(state_of(callback.ema_model()), swa)
+    assert_close(state_of(callback.ema_model(label="bema")), bema_reference(recorder.weights, STEPS))
 
 
 # ---- resume ----
