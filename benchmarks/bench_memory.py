@@ -5,9 +5,12 @@ phase, so a number is the phase's peak minus the resident memory before it. Trai
 one run's freed memory cannot hide the next one's. The expected extra memory is printed beside each measurement:
 
 - EMA during training: one copy of the trainable parameters in the average's dtype;
+- BEMA during training (`bema=True`): two copies, the average and its start weights theta_0;
 - swap with matching dtypes: the largest single tensor (contents are exchanged tensor by tensor);
 - swap of a bf16 model with float32 averages: one bf16 copy of the parameters (the stash);
-- save_model under EMA: what save_model itself needs (the swap is done in place).
+- save_model under EMA: what save_model itself needs (the swap is done in place);
+- BEMA's readout in + out: one copy of the parameters (the stash: a BEMA average is never exchanged) and a temporary
+  of the largest tensor.
 
     python benchmarks/bench_memory.py --write
 """
@@ -66,7 +69,10 @@ def measure(phase_fn) -> int:
     return status("VmHWM") - before
 
 
-def phase_train(ema: bool, steps: int) -> dict:
+def phase_train(kind: str, steps: int) -> dict:
+    """A short training run with `kind` "none" (no EMA), "ema" (one half-life average), "bema" (`bema=True` alone, the
+    primary: train() ends with its readout placed, the training weights stashed) or "ema+bema" (a half-life primary and
+    BEMA: the training phase's cost of BEMA alone, nothing stashed at the end)."""
     import torch
     from transformers import Trainer, TrainingArguments
 
@@ -80,11 +86,39 @@ def phase_train(ema: bool, steps: int) -> dict:
             out, use_cpu=True, report_to="none", per_device_train_batch_size=2, max_steps=steps, optim="sgd",
             save_strategy="no", logging_strategy="no", disable_tqdm=True,
         )  # fmt: skip
-        callbacks = [EMACallback(EMAArguments(half_life="100ba"))] if ema else []
+        settings = {
+            "ema": EMAArguments(half_life="100ba"),
+            "bema": EMAArguments(bema=True),
+            "ema+bema": EMAArguments(half_life="100ba", bema=True),
+        }.get(kind)
+        callbacks = [EMACallback(settings)] if settings is not None else []
         trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
         extra = measure(trainer.train)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"extra": extra, "expected": 4 * params if ema else 0, "params": params}
+    copies = {"none": 0, "ema": 1, "bema": 2, "ema+bema": 3}[kind]  # float32 model: 4 bytes per parameter and copy
+    return {"extra": extra, "expected": 4 * params * copies, "params": params}
+
+
+def phase_bema_store() -> dict:
+    """Building a BEMA store (the average and theta_0) of the float32 model, and placing its readout in and out."""
+    from hf_ema.store import EMAStore
+
+    model = build_model("float32")
+    params = [p for p in model.parameters() if p.requires_grad]
+    holder = {}
+    build = measure(
+        lambda: holder.setdefault("store", EMAStore(model, labels=["bema"], corrected={"bema": lambda: 0.5}))
+    )
+    store = holder["store"]
+
+    def swap():
+        store.place_(model, "bema")
+        store.place_(model, None)
+
+    swap_extra = measure(swap)
+    total = sum(p.numel() * p.element_size() for p in params)
+    largest = max(p.numel() * p.element_size() for p in params)
+    return {"store": build, "store_expected": store.nbytes(), "swap": swap_extra, "swap_expected": total + largest}
 
 
 def phase_swap_save(dtype_name: str) -> dict:
@@ -97,7 +131,8 @@ def phase_swap_save(dtype_name: str) -> dict:
     model = build_model(dtype_name)
     params = [p for p in model.parameters() if p.requires_grad]
     store_holder = {}
-    build = measure(lambda: store_holder.setdefault("store", EMAStore(model)))
+    labels = EMAArguments().labels  # the callback's below, whose primary the save places
+    build = measure(lambda: store_holder.setdefault("store", EMAStore(model, labels=labels)))
     store = store_holder["store"]
 
     def swap():
@@ -145,13 +180,21 @@ def main() -> None:
     args = parser.parse_args()
     if args.phase:
         kind, value = args.phase
-        result = phase_train(value == "ema", args.steps) if kind == "train" else phase_swap_save(value)
+        if kind == "train":
+            result = phase_train(value, args.steps)
+        elif kind == "bema":
+            result = phase_bema_store()
+        else:
+            result = phase_swap_save(value)
         print(json.dumps(result))
         return
     plain = run_phase("train", "none")
     with_ema = run_phase("train", "ema")
     fp32 = run_phase("swap", "float32")
     bf16 = run_phase("swap", "bfloat16")
+    with_bema = run_phase("train", "bema")
+    with_both = run_phase("train", "ema+bema")
+    bema = run_phase("bema", "float32")
     m = lambda b: f"{b / MiB:.0f}"  # noqa: E731
     rows = [
         ("training, no EMA (peak over resident model)", plain["extra"], None),
@@ -165,7 +208,15 @@ def main() -> None:
         ("swap in + out, bf16 model, float32 average (stash)", bf16["swap"], bf16["swap_expected"]),
         ("save_model, training weights, bf16", bf16["save_plain"], None),
         ("save_model under EMA, bf16", bf16["save_ema"], None),
-    ]
+        ("training with BEMA alone (the primary: its readout placed at the end)", with_bema["extra"], None),
+        ("  difference to no EMA: average + theta_0, and the stash at the end", with_bema["extra"] - plain["extra"],
+         with_bema["expected"]),
+        ("training with a half-life primary and BEMA", with_both["extra"], None),
+        ("  difference to the half-life alone: BEMA's cost in training (average + theta_0)",
+         with_both["extra"] - with_ema["extra"], with_both["expected"] - with_ema["expected"]),
+        ("building a BEMA average (average + theta_0), float32 model", bema["store"], bema["store_expected"]),
+        ("BEMA readout in + out, float32 model (stash + largest tensor)", bema["swap"], bema["swap_expected"]),
+    ]  # fmt: skip
     header = (
         f"### Peak host memory, Llama {plain['params'] / 1e6:.0f}M parameters on CPU, {datetime.date.today().isoformat()}"
         f"\n\nCommand: `python benchmarks/bench_memory.py` ({args.steps} SGD steps, batch 2 x 64 tokens)\n\n"

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
 from .rules import (
+    BEMA,
     FixedSmoothing,
     HalfLife,
     PowerFunction,
@@ -24,6 +25,9 @@ RESUME_WITHOUT_STATE = ("error", "restart")
 BUFFERS = ("average", "copy")
 SCHEDULES = ("hf-ema", "composer")
 EVAL_DURING_TRAINING = ("all", "primary")
+BEMA_LABEL = "bema"
+"""The label of the BEMA average (`bema=True`)."""
+BEMA_FIELDS = ("bema_ema_power", "bema_bias_power", "bema_lag", "bema_multiplier")
 
 
 @dataclass
@@ -51,6 +55,24 @@ class EMAArguments:
             `s = (1 - elapsed / t) ** (gamma + 1)` with `sigma_rel ** 2 = (gamma + 1) / ((gamma + 2) ** 2 (gamma + 3))`
             (0.05 -> gamma 16.97). The average's length grows with training; 0.2887 (gamma 0) is the uniform average
             (SWA) of the weights since `ema_start`.
+        bema (`bool`, *optional*, defaults to `False`):
+            Also keep BEMA, the bias-corrected EMA of Block & Zhang (arXiv 2508.00180), labelled `"bema"`: the only
+            average (then the primary) when no `half_life`, `smoothing` or `sigma_rel` is given, else the last one. An
+            update `t` optimizer steps after `ema_start` uses `ema = (1 - beta_t) ema + beta_t w` with `beta_t = (lag +
+            multiplier * t) ** -ema_power`, from `theta_0`, the weights at the start (kept: one more copy); what is
+            evaluated, saved and exported is `ema + alpha_t (w - theta_0)`, `alpha_t = (lag + multiplier * t) **
+            -bias_power`, computed when read, with `t` of the last update and `w` the training weights then in the
+            model. `update_interval` plays TRL's `update_freq`, `ema_start` its `update_after` (docs/usage.md, "BEMA").
+        bema_ema_power (`float`, *optional*, defaults to 0.5):
+            kappa of BEMA (TRL's `ema_power`), in [0, 1]: how fast `beta_t` decays; 0 makes the average follow the
+            weights.
+        bema_bias_power (`float`, *optional*, defaults to 0.2):
+            eta of BEMA (TRL's `bias_power`), >= 0: how fast the bias correction `alpha_t` decays; 0 keeps it at 1.
+        bema_lag (`float`, *optional*, defaults to 10.0):
+            rho of BEMA (TRL's `lag`), >= 0 (> 0 unless `bema_bias_power` is 0): the age the average starts with.
+        bema_multiplier (`float`, *optional*, defaults to 1.0):
+            gamma of BEMA (TRL's `multiplier`), > 0, with `bema_lag + bema_multiplier >= 1` (so `beta_t <= 1`): how
+            much the age grows per optimizer step.
         ema_warmup_power (`float`, *optional*):
             Warm the smoothing up as timm and diffusers do: an update `t` optimizer steps after the start uses
             `min(s, 1 - (1 + (t - 1) / ema_warmup_inv_gamma) ** -ema_warmup_power)`, their decay at the same step
@@ -142,6 +164,32 @@ class EMAArguments:
         metadata={
             "help": "EDM2 power-function averages by relative width in (0, 0.2887] ('0.05 0.10'), instead of "
             "`half_life`; 0.2887 (gamma 0) is the uniform average (SWA)."
+        },
+    )
+    bema: bool = field(
+        default=False,
+        metadata={
+            "help": "Also keep BEMA, the bias-corrected EMA (Block & Zhang 2025; TRL's BEMACallback), labelled "
+            "'bema': ema = (1 - beta_t) ema + beta_t w from the start weights theta_0, read as ema + alpha_t (w - "
+            "theta_0). The primary when no other average is given."
+        },
+    )
+    bema_ema_power: float = field(
+        default=0.5,
+        metadata={"help": "kappa of BEMA, in [0, 1]: beta_t = (bema_lag + bema_multiplier * t) ** -kappa."},
+    )
+    bema_bias_power: float = field(
+        default=0.2,
+        metadata={"help": "eta of BEMA, >= 0: alpha_t = (bema_lag + bema_multiplier * t) ** -eta (0: alpha_t = 1)."},
+    )
+    bema_lag: float = field(
+        default=10.0,
+        metadata={"help": "rho of BEMA, >= 0 (> 0 unless bema_bias_power is 0): the age the average starts with."},
+    )
+    bema_multiplier: float = field(
+        default=1.0,
+        metadata={
+            "help": "gamma of BEMA, > 0 with bema_lag + bema_multiplier >= 1: the age added per optimizer step."
         },
     )
     ema_warmup_power: float | None = field(
@@ -245,6 +293,9 @@ class EMAArguments:
         self.half_life = _one_or_list(self.half_life, "half_life", _as_time_string)
         self.smoothing = _one_or_list(self.smoothing, "smoothing", _as_number)
         self.sigma_rel = _one_or_list(self.sigma_rel, "sigma_rel", _as_number)
+        for name in BEMA_FIELDS:
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, _as_number(getattr(self, name), name))
         if isinstance(self.ema_warmup_power, str) or isinstance(self.ema_warmup_inv_gamma, str):
             self.ema_warmup_power = _as_number(self.ema_warmup_power, "ema_warmup_power")
             self.ema_warmup_inv_gamma = _as_number(self.ema_warmup_inv_gamma, "ema_warmup_inv_gamma")
@@ -257,7 +308,9 @@ class EMAArguments:
                 "averages' time scale, and one callback keeps averages of one kind. Pass only one of them (a list "
                 "of values keeps several averages)."
             )
-        if not given:
+        if not isinstance(self.bema, bool):
+            raise TypeError(f"`bema` must be True or False, got {self.bema!r}.")
+        if not given and not self.bema:
             self.half_life = DEFAULT_HALF_LIFE
         for value in _values(self.half_life):
             parse_time(value, "half_life")
@@ -269,7 +322,7 @@ class EMAArguments:
                 )
         for value in _values(self.sigma_rel):
             checked_sigma_rel(value, example="sigma_rel=[0.05, 0.10]")
-        labels = self.labels
+        labels = self._kind_labels()
         if len(set(labels)) != len(labels) or len(set(self._parsed_values())) != len(labels):
             raise ValueError(
                 f"The averages' values must differ, got {labels}: two averages with the same setting are the same "
@@ -307,6 +360,7 @@ class EMAArguments:
         for name in ("ema_eval_training_weights", "ema_save_all_averages", "ema_skip_non_finite"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
+        _check_bema(self)
         _check_snapshots(self)
 
     def _check_composer(self) -> None:
@@ -325,17 +379,22 @@ class EMAArguments:
                 f"half_life={self.half_life!r} with update_interval {str(interval)!r}. Give both in one unit, or use "
                 "ema_schedule='hf-ema', which accepts mixed units."
             )
-        if self.sigma_rel is not None or self.ema_warmup_power is not None:
+        if self.sigma_rel is not None or self.ema_warmup_power is not None or self.bema:
             raise ValueError(
-                "`ema_schedule='composer'` reproduces Composer's half-life and smoothing rules only; `sigma_rel` and "
-                "`ema_warmup_power` need ema_schedule='hf-ema'."
+                "`ema_schedule='composer'` reproduces Composer's half-life and smoothing rules only; `sigma_rel`, "
+                "`ema_warmup_power` and `bema` need ema_schedule='hf-ema'."
             )
 
     # ---- the averages ----
 
     @property
     def labels(self) -> list[str]:
-        """The averages' labels, primary first: each value as written (`"2000ba"`, `"0.999"`, `"0.05"`)."""
+        """The averages' labels, primary first: each value as written (`"2000ba"`, `"0.999"`, `"0.05"`), then `"bema"`
+        with `bema=True`."""
+        return self._kind_labels() + ([BEMA_LABEL] if self.bema else [])
+
+    def _kind_labels(self) -> list[str]:
+        """The labels of the `half_life`, `smoothing` or `sigma_rel` averages (none with only `bema`)."""
         if self.half_life is not None:
             return [value.strip() for value in _values(self.half_life)]
         return [str(value) for value in _values(self.smoothing if self.smoothing is not None else self.sigma_rel)]
@@ -360,7 +419,18 @@ class EMAArguments:
             rules = [PowerFunction(gamma_of_sigma_rel(value)) for value in _values(self.sigma_rel)]
         if self.ema_warmup_power is not None:
             rules = [Warmup(rule, float(self.ema_warmup_power), float(self.ema_warmup_inv_gamma)) for rule in rules]
+        if self.bema:
+            rules.append(self.bema_rule())
         return dict(zip(self.labels, rules, strict=True))
+
+    def bema_rule(self) -> BEMA:
+        """The BEMA rule of these settings (whether or not `bema` is set)."""
+        return BEMA(
+            ema_power=float(self.bema_ema_power),
+            bias_power=float(self.bema_bias_power),
+            lag=float(self.bema_lag),
+            multiplier=float(self.bema_multiplier),
+        )
 
     # ---- times ----
 
@@ -390,12 +460,20 @@ class EMAArguments:
         start = self.ema_start_time
         if start.value > 0:
             times.append(start)
-        if self.ema_warmup_power is not None or self.sigma_rel is not None:
+        if self.ema_warmup_power is not None or self.sigma_rel is not None or self.bema:
             times.append(Time(1.0, "ba"))
         return {t.unit for t in times}
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def same_as(self, saved: dict | None) -> bool:
+        """Whether `saved` (`to_dict()` of the settings a checkpoint was written with) are these settings; a field
+        that a checkpoint of an older hf-ema lacks counts as its default."""
+        if saved is None:
+            return False
+        defaults = {f.name: f.default for f in fields(self)}
+        return {name: saved.get(name, default) for name, default in defaults.items()} == self.to_dict()
 
 
 def _values(value) -> list:
@@ -459,4 +537,72 @@ def _check_snapshots(args: EMAArguments) -> None:
             f"`ema_snapshot_every` ({args.ema_snapshot_every!r}) needs power-function averages: post-hoc synthesis "
             f"combines snapshots of EDM2 power-function averages (`sigma_rel`), and these settings keep `{kind}` "
             "averages. Set sigma_rel=[0.05, 0.10] (EDM2's choice) instead, or drop ema_snapshot_every."
+        )
+
+
+def _check_bema(args: EMAArguments) -> None:
+    """Validates the BEMA settings: the fields in their ranges, and no setting BEMA cannot follow."""
+    set_without = [
+        name for name in BEMA_FIELDS if getattr(args, name) != EMAArguments.__dataclass_fields__[name].default
+    ]
+    if not args.bema:
+        if set_without:
+            raise ValueError(
+                f"`{set_without[0]}` ({getattr(args, set_without[0])!r}) sets BEMA, but `bema` is False, so it would "
+                "have no effect. Set bema=True to keep the BEMA average, or drop the setting."
+            )
+        return
+    for name in BEMA_FIELDS:
+        value = getattr(args, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"`{name}` must be a number, got {value!r} of type {type(value).__name__}.")
+        if not math.isfinite(value):
+            raise ValueError(f"`{name}` must be a finite number, got {value!r}. Use the default, e.g. bema_lag=10.")
+    kappa, eta, rho, gamma = (float(getattr(args, name)) for name in BEMA_FIELDS)
+    if not 0.0 <= kappa <= 1.0:
+        raise ValueError(
+            f"`bema_ema_power` (kappa of BEMA's beta_t = (lag + multiplier * t) ** -kappa) must be in [0, 1], got "
+            f"{kappa!r}: above 1 the weights of later steps shrink so fast that the average stops following training. "
+            "Use e.g. bema_ema_power=0.5 (the paper's and TRL's default)."
+        )
+    if eta < 0.0:
+        raise ValueError(
+            f"`bema_bias_power` (eta of BEMA's alpha_t = (lag + multiplier * t) ** -eta) must be >= 0, got {eta!r}: "
+            "a negative power makes the bias correction grow without bound. Use e.g. bema_bias_power=0.2 (the "
+            "default), or a large value such as 8.0 to turn the correction off."
+        )
+    if rho < 0.0:
+        raise ValueError(
+            f"`bema_lag` (rho, the age BEMA's average starts with) must be >= 0, got {rho!r}. Use e.g. bema_lag=10 "
+            "(the default)."
+        )
+    if gamma <= 0.0:
+        raise ValueError(
+            f"`bema_multiplier` (gamma, the age BEMA adds per optimizer step) must be positive, got {gamma!r}. Use "
+            "e.g. bema_multiplier=1.0 (the default)."
+        )
+    if rho == 0.0 and eta > 0.0:
+        raise ValueError(
+            f"`bema_lag` is 0 with bema_bias_power={eta!r}: the bias correction alpha_t = (lag + multiplier * t) ** "
+            "-eta is infinite at the start (t = 0). Use a positive lag, e.g. bema_lag=10 (the default), or "
+            "bema_bias_power=0."
+        )
+    if kappa > 0.0 and rho + gamma < 1.0:
+        raise ValueError(
+            f"`bema_lag` + `bema_multiplier` must be at least 1 (got {rho!r} + {gamma!r}): the first update's weight "
+            "beta_1 = (lag + multiplier) ** -kappa would exceed 1 and push the average beyond the weights. Raise "
+            "bema_lag, e.g. bema_lag=10 (the default)."
+        )
+    if args.ema_warmup_power is not None:
+        raise ValueError(
+            f"`ema_warmup_power` ({args.ema_warmup_power!r}) does not apply to BEMA (`bema=True`), whose beta_t "
+            "already starts large and decays by its own schedule. Remove ema_warmup_power, or keep the warmup "
+            "average without bema."
+        )
+    if args.ema_snapshot_every is not None:
+        raise ValueError(
+            f"`ema_snapshot_every` ({args.ema_snapshot_every!r}) cannot be combined with `bema`: post-hoc synthesis "
+            "combines snapshots of EDM2 power-function averages, and BEMA's weights are neither a power-function "
+            "average nor stored (its readout is computed from the training weights when read). Drop bema, or drop "
+            "ema_snapshot_every."
         )

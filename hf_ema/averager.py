@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .arguments import EMAArguments
+from .arguments import BEMA_LABEL, EMAArguments
 from .checkpoint import (
     EMAStateError,
     StoredState,
@@ -30,9 +30,9 @@ from .checkpoint import (
 )
 from .layout import comm_device
 from .placement import TRAINING, Placement, Target
-from .rules import Warmup
+from .rules import BEMA, Warmup
 from .schedule import START, EMASchedule, Update
-from .store import EMAStore
+from .store import EMAStore, Origin
 from .time import Clock
 
 logger = logging.getLogger(__name__)
@@ -113,7 +113,20 @@ class Averager:
 
     def _build_store(self) -> EMAStore:
         a = self.ema_args
-        return EMAStore(self.model, a.ema_dtype, device=a.ema_device, buffers=a.ema_buffers, labels=a.labels)
+        corrected = {
+            label: lambda label=label: self.bias_correction(label)
+            for label, rule in self.schedule.rules.items()
+            if isinstance(rule, BEMA)
+        }
+        return EMAStore(
+            self.model, a.ema_dtype, device=a.ema_device, buffers=a.ema_buffers, labels=a.labels, corrected=corrected
+        )
+
+    def bias_correction(self, label: str) -> float:
+        """`alpha_t` of the bias-corrected (BEMA) average `label` now: `t` is the optimizer steps from the start to
+        the last update (0 before the first), the step of the average being read."""
+        schedule = self.schedule
+        return schedule.rules[label].alpha(schedule.last_clock.ba - schedule.start_clock.ba)
 
     def reset(self, model: nn.Module, sharded: bool) -> None:
         """Drops the averages and counters: a run on `model` begins (its EMA state is started or loaded next)."""
@@ -340,7 +353,7 @@ class Averager:
                 f"{path} was written at step {meta.get('global_step')}, but the checkpoint resumes at step "
                 f"{expected_step}; it belongs to another checkpoint."
             )
-        if meta.get("ema_args") != self.ema_args.to_dict() and self.log:
+        if not self.ema_args.same_as(meta.get("ema_args")) and self.log:
             logger.warning(
                 "The EMA settings differ from those in %s (%s now, %s then); the averages continue with the new "
                 "settings.",
@@ -383,10 +396,11 @@ class Averager:
             stored.load_sharded(folder, tensors, prefixes)
             store.load_sharded_(self.model, tensors, saved_flat)
         else:
-            found = stored.whole(store.names(), prefixes, with_training)
+            found = stored.whole(store.names(), prefixes, with_training, origins=list(store.origins))
             ema = {label: {n: found[label, n] for n in store.names()} for label in prefixes}
+            origins = {label: {n: found[Origin(label), n] for n in store.names()} for label in store.origins}
             training = {n: found[None, n] for n in store.names()} if with_training else None
-            store.load_state_(self.model, ema, training)
+            store.load_state_(self.model, ema, training, origins)
         self.close()
         self.schedule, self.store = schedule, store
 
@@ -395,8 +409,15 @@ class Averager:
         labels = self.labels
         if set(saved) == set(labels):
             return {label: saved[label] for label in labels}
-        if len(saved) == 1 and len(labels) == 1:
+        if len(saved) == 1 and len(labels) == 1 and (BEMA_LABEL in saved) == (BEMA_LABEL in labels):
             return {labels[0]: next(iter(saved.values()))}
+        if BEMA_LABEL in saved or BEMA_LABEL in labels:
+            raise EMAStateError(
+                f"{path} holds the averages {list(saved)}, but the EMA settings ask for {labels}; BEMA ('bema') "
+                "continues only from a checkpoint that holds it (with its start weights theta_0), and a BEMA average "
+                "in the checkpoint would be dropped. Resume with the averages the checkpoint holds "
+                f"(EMAArguments(bema={BEMA_LABEL in saved}, ...))."
+            )
         raise EMAStateError(
             f"{path} holds the averages {list(saved)}, but the EMA settings ask for {labels}; an average missing "
             "from the checkpoint cannot continue exactly and one missing from the settings would be dropped. Resume "

@@ -3,8 +3,9 @@
 A checkpoint written with EMA holds its EMA state beside the model files, in one of two forms:
 
 - `ema_state.safetensors` (models whose parameters are whole on every rank: one device, DDP, DeepSpeed ZeRO-1/2).
-  Its tensors are `average/<label>/<name>` (every average, in full precision) and, when the model files hold an
-  average, `training/<name>` (the training weights they cannot give back). Its safetensors metadata key `hf_ema` is
+  Its tensors are `average/<label>/<name>` (every average, in full precision), `origin/<label>/<name>` (the start
+  weights theta_0 of a bias-corrected average, BEMA) and, when the model files hold an average, `training/<name>` (the
+  training weights they cannot give back). Its safetensors metadata key `hf_ema` is
   a JSON document with the format version, the averages' labels and rules, the counters, the settings and a
   fingerprint of the tracked tensors.
 - `ema_state/` (sharded models: FSDP2, DeepSpeed ZeRO-3): a torch.distributed.checkpoint folder with the same
@@ -24,7 +25,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .files import atomic_file, crash_point, finish_folder, temporary_folder, temporary_folder_path
+from .store import Key, Origin
 
 SIDECAR_NAME = "ema_state.safetensors"
 SHARDED_SIDECAR_NAME = "ema_state"
@@ -63,18 +65,26 @@ def training_key(name: str) -> str:
     return f"training/{name}"
 
 
-def file_key(key: tuple[str | None, str], prefixes: Mapping[str, str] | None = None) -> str:
-    """The file key of a store key `(label, name)` (`(None, name)`: a training tensor)."""
+def origin_key(label: str, name: str) -> str:
+    """The key of a bias-corrected average's start weights (theta_0) in EMA-state files."""
+    return f"origin/{label}/{name}"
+
+
+def file_key(key: Key, prefixes: Mapping[str, str] | None = None) -> str:
+    """The file key of a store key `(label, name)` (`(None, name)`: a training tensor; `(Origin(label), name)`: a
+    bias-corrected average's start weights)."""
     label, name = key
     if label is None:
         return training_key(name)
+    if isinstance(label, Origin):
+        return origin_key(label.label, name)
     return average_key(label, name, prefixes[label] if prefixes is not None else None)
 
 
 def write_state(
     folder: str | os.PathLike,
     meta: Mapping | None,
-    tensors: Mapping[tuple[str | None, str], torch.Tensor],
+    tensors: Mapping[Key, torch.Tensor],
     *,
     sharded: bool,
     what: str | None = None,
@@ -102,12 +112,15 @@ class StoredState:
     sharded: bool
     tensors: dict[str, torch.Tensor] | None = None
 
-    def whole(self, names: list[str], prefixes: Mapping[str, str], with_training: bool) -> dict:
-        """`{(label, name): tensor}` for each average (file prefixes by label) and, `with_training`, each training
-        tensor, from a whole sidecar; raises `EMAStateError` for what its metadata promises and it lacks."""
-        wanted = [(label, n) for label in prefixes for n in names] + (
-            [(None, n) for n in names] if with_training else []
-        )
+    def whole(
+        self, names: list[str], prefixes: Mapping[str, str], with_training: bool, origins: Sequence[str] = ()
+    ) -> dict:
+        """`{(label, name): tensor}` for each average (file prefixes by label), `{(Origin(label), name): tensor}` for
+        the start weights of each bias-corrected average in `origins` and, `with_training`, each training tensor, from
+        a whole sidecar; raises `EMAStateError` for what its metadata promises and it lacks."""
+        wanted = [(label, n) for label in prefixes for n in names]
+        wanted += [(Origin(label), n) for label in origins for n in names]
+        wanted += [(None, n) for n in names] if with_training else []
         missing = [file_key(key, prefixes) for key in wanted if file_key(key, prefixes) not in self.tensors]
         if missing:
             what = (

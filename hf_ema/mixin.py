@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from .arguments import EMAArguments
+from .arguments import BEMA_LABEL, EMAArguments
 from .callback import EMACallback
 from .placement import TRAINING, Target
 
@@ -297,6 +297,11 @@ class EMAMixin:
                 "EMA was configured but had not started when these weights were saved; they are the training weights"
                 if not callback.started
                 else "These are the **training weights** (hf-ema kept an exponential moving average beside them)"
+            )
+        elif holds == BEMA_LABEL:
+            weights = (
+                "The weights in this repository are the **bias-corrected exponential moving average (BEMA**, Block & "
+                "Zhang 2025) of the training weights"
             )
         else:
             weights = (

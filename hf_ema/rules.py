@@ -9,6 +9,8 @@ the start of averaging (`needs_start`). A new rule is one class here plus the `E
 - `Warmup`: timm's and diffusers' warmup around another rule, `min(inner, 1 - (1 + (t - 1) / inv_gamma) ** -power)`.
 - `PowerFunction`: EDM2's power-function average, `s = (1 - elapsed / t) ** (gamma + 1)`; `gamma = 0` is the uniform
   average (SWA).
+- `BEMA`: Block & Zhang's bias-corrected EMA, `s = 1 - (lag + multiplier * t) ** -ema_power`; its readout adds
+  `alpha * (w - theta_0)` (`BEMA.alpha`), which the store computes when the average is read.
 """
 
 from __future__ import annotations
@@ -147,6 +149,55 @@ class PowerFunction:
 
     def describe(self) -> dict:
         return {"rule": "power_function", "gamma": self.gamma, "sigma_rel": sigma_rel_of_gamma(self.gamma)}
+
+
+@dataclass(frozen=True)
+class BEMA:
+    """BEMA, the bias-corrected EMA of Block & Zhang (arXiv 2508.00180), as TRL's `BEMACallback` computes it.
+
+    The average follows `EMA_t = (1 - beta_t) EMA_(t-1) + beta_t w_t` from the weights at the start (`theta_0`, which
+    the store keeps), so the smoothing of an update is `s = 1 - beta_t`; what is read (evaluated, saved, exported) is
+    `EMA_t + alpha_t (w - theta_0)`. Both decay with `t`, the optimizer steps since averaging started:
+    `beta_t = (lag + multiplier * t) ** -ema_power`, `alpha_t = (lag + multiplier * t) ** -bias_power`.
+
+    Args:
+        ema_power (`float`, *optional*, defaults to 0.5): kappa, in [0, 1]; 0 makes the average follow the weights.
+        bias_power (`float`, *optional*, defaults to 0.2): eta, >= 0; 0 keeps `alpha_t = 1`, large values turn the
+            correction off.
+        lag (`float`, *optional*, defaults to 10.0): rho, >= 0: the age the average starts with.
+        multiplier (`float`, *optional*, defaults to 1.0): gamma, > 0: how fast the age grows per step.
+    """
+
+    ema_power: float = 0.5
+    bias_power: float = 0.2
+    lag: float = 10.0
+    multiplier: float = 1.0
+    needs_start: ClassVar[bool] = True
+
+    def beta(self, t: float) -> float:
+        """The weight `beta_t = (lag + multiplier * t) ** -ema_power` of the weights in the update at `t`."""
+        return (self.lag + self.multiplier * t) ** -self.ema_power
+
+    def alpha(self, t: float) -> float:
+        """The bias correction's weight `alpha_t = (lag + multiplier * t) ** -bias_power` of the readout at `t`."""
+        if self.bias_power == 0:
+            return 1.0  # also at lag 0 and t 0, where the power is 0 ** 0
+        return (self.lag + self.multiplier * t) ** -self.bias_power
+
+    def __call__(self, counters: Counters) -> float:
+        t = counters.steps
+        if t <= 0:
+            return 1.0
+        return 1.0 - self.beta(t)
+
+    def describe(self) -> dict:
+        return {
+            "rule": "bema",
+            "ema_power": self.ema_power,
+            "bias_power": self.bias_power,
+            "lag": self.lag,
+            "multiplier": self.multiplier,
+        }
 
 
 def sigma_rel_of_gamma(gamma: float) -> float:

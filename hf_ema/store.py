@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -53,9 +54,17 @@ def shadow_dtype(dtype: torch.dtype, policy: str) -> torch.dtype:
     return torch.float32 if dtype in SIXTEEN_BIT else dtype  # "auto"
 
 
-Key = tuple[str | None, str]
-"""`(label, name)` of an average's tensor, `(None, name)` of a training tensor: how the store hands out its state
-(`hf_ema.checkpoint` turns them into the keys of EMA-state files)."""
+@dataclass(frozen=True)
+class Origin:
+    """The first part of the key of a bias-corrected average's start weights (theta_0 of BEMA, average `label`)."""
+
+    label: str
+
+
+Key = tuple[str | Origin | None, str]
+"""`(label, name)` of an average's tensor, `(Origin(label), name)` of a bias-corrected average's start weights,
+`(None, name)` of a training tensor: how the store hands out its state (`hf_ema.checkpoint` turns them into the keys of
+EMA-state files)."""
 
 
 class EMAStore:
@@ -79,6 +88,11 @@ class EMAStore:
         asynchronous (`bool`, *optional*): overlap updates through staging buffers and a background thread; defaults
             to True exactly when some average lives on another device than its tensor.
         labels (`Sequence[str]`, *optional*, defaults to `("ema",)`): the averages' labels, primary first.
+        corrected (`Mapping[str, Callable[[], float]]`, *optional*): the labels of bias-corrected averages (BEMA),
+            each with the function that gives its correction's weight `alpha` now. The store keeps their start
+            weights `theta_0` (one more copy, in the average's dtype and place) and reads them as `average + alpha *
+            (w - theta_0)`, `w` the training weights: placed into the model (with the training weights stashed, never
+            exchanged), copied by `copy_ema_to`. `ema_tensors` and the saved state hold the average itself.
     """
 
     def __init__(
@@ -89,6 +103,7 @@ class EMAStore:
         buffers: str = "average",
         asynchronous: bool | None = None,
         labels: Sequence[str] = ("ema",),
+        corrected: Mapping[str, Callable[[], float]] | None = None,
     ) -> None:
         if isinstance(labels, str) or not labels or len(set(labels)) != len(labels):
             raise ValueError(f"EMAStore needs distinct labels, got {list(labels)}.")
@@ -118,6 +133,17 @@ class EMAStore:
                     average = empty_like(tensor, shadow_dtype(tensor.dtype, ema_dtype), target)
                 average.copy_(tensor.detach())
                 self.averages[label][name] = average
+        self.corrections = dict(corrected or {})
+        unknown = [label for label in self.corrections if label not in self.labels]
+        if unknown:
+            raise ValueError(f"EMAStore: corrected averages {unknown} are not among the labels {list(labels)}.")
+        self.origins: dict[str, dict[str, Tensor]] = {}  # theta_0 of each bias-corrected average
+        for label in self.corrections:
+            self.origins[label] = {}
+            for name, average in self.averages[label].items():
+                origin = empty_like(live[name], average.dtype, average.device)
+                origin.copy_(average)
+                self.origins[label][name] = origin
         self._names = list(live)
         self._lists = {label: [self.averages[label][n] for n in self._names] for label in self.labels}
         offloaded = any(self.shadow[n].device != t.device for n, t in live.items())
@@ -154,8 +180,9 @@ class EMAStore:
         return sum(t.numel() for t in self.shadow.values())
 
     def nbytes(self) -> int:
-        """Bytes of all averages on this rank."""
-        return len(self.labels) * sum(t.numel() * t.element_size() for t in self.shadow.values())
+        """Bytes of all averages (and the start weights of bias-corrected ones) on this rank."""
+        copies = len(self.labels) + len(self.origins)
+        return copies * sum(t.numel() * t.element_size() for t in self.shadow.values())
 
     def fingerprint(self) -> dict[str, list]:
         """Names, full shapes and dtypes of the averages: what a checkpoint's EMA state must match."""
@@ -185,8 +212,11 @@ class EMAStore:
             raise RuntimeError(_mismatch_message(self.shadow, live))
         return live
 
-    def _split(self, live: Mapping[str, Tensor]) -> tuple[list[str], list[str]]:
-        """Names whose averages share the live dtype and device (exchanged on swap), and the others (stashed)."""
+    def _split(self, live: Mapping[str, Tensor], label: str) -> tuple[list[str], list[str]]:
+        """Names whose averages (of `label`) are exchanged with the live tensors on swap: those sharing the live dtype
+        and device; and the others (stashed), every name of a bias-corrected average."""
+        if label in self.corrections:
+            return [], list(self._names)
         same = [n for n, s in self.shadow.items() if s.dtype == live[n].dtype and s.device == live[n].device]
         chosen = set(same)
         return same, [n for n in self._names if n not in chosen]
@@ -296,9 +326,9 @@ class EMAStore:
         self.wait()
         live = self._live(module)
         self._since_check = CHECK_EVERY  # the next update checks the tensors' metadata (an evaluation may cast them)
-        same, other = self._split(live)
         if self.holds is not None:  # put the training weights back
             averages = self.averages[self.holds]
+            same, other = self._split(live, self.holds)
             exchange_([live[n] for n in same], [averages[n] for n in same])
             for name in other:
                 live[name].copy_(self._stash.pop(name))
@@ -306,15 +336,17 @@ class EMAStore:
             self.holds = None
         if target is not None:
             averages = self.averages[target]
+            same, other = self._split(live, target)
             exchange_([live[n] for n in same], [averages[n] for n in same])
             staging = dict(zip(self._names, self.offload.staging, strict=True)) if self.offload is not None else {}
+            corrected = target in self.corrections
             for name in other:
                 stash = staging.get(name)
                 if stash is None:
                     stash = empty_like(live[name], live[name].dtype, averages[name].device)
                 stash.copy_(live[name])
                 self._stash[name] = stash
-                live[name].copy_(averages[name])
+                live[name].copy_(self._readout(target, name, stash) if corrected else averages[name])
             self.holds = target
         self._refresh(module)
 
@@ -329,6 +361,13 @@ class EMAStore:
 
     # ---- views of the weights ----
 
+    def _readout(self, label: str, name: str, training: Tensor) -> Tensor:
+        """A bias-corrected average's value of one tensor, `average + alpha * (training - theta_0)`, as a new tensor
+        in the average's dtype and place (computed as TRL's BEMACallback does: difference, scale, add)."""
+        average, origin = self.averages[label][name], self.origins[label][name]
+        value = training.to(device=average.device, dtype=average.dtype, copy=True)
+        return value.sub_(origin).mul_(self.corrections[label]()).add_(average)
+
     def ema_tensors(self, module: nn.Module, label: str | None = None) -> dict[str, Tensor]:
         """An average's values (the primary by default) in full precision, wherever they are now. Do not modify."""
         label = self._label(label)
@@ -337,7 +376,7 @@ class EMAStore:
         if self.holds != label:
             return dict(averages)
         live = self._live(module)
-        exchanged = set(self._split(live)[0])
+        exchanged = set(self._split(live, label)[0])
         return {n: (live[n] if n in exchanged else averages[n]) for n in self._names}
 
     def training_tensors(self, module: nn.Module) -> dict[str, Tensor]:
@@ -347,7 +386,7 @@ class EMAStore:
         if self.holds is None:
             return live
         averages = self.averages[self.holds]
-        exchanged = set(self._split(live)[0])
+        exchanged = set(self._split(live, self.holds)[0])
         return {n: (averages[n] if n in exchanged else self._stash[n]) for n in self._names}
 
     def non_finite_training(self, module: nn.Module) -> str | None:
@@ -366,7 +405,14 @@ class EMAStore:
 
     @torch.no_grad()
     def copy_ema_to(self, target: nn.Module, source: nn.Module, label: str | None = None) -> None:
-        """Writes an average (rounded to `target`'s dtypes) into `target`, a copy of `source`."""
+        """Writes an average (rounded to `target`'s dtypes; a bias-corrected one as it reads) into `target`, a copy of
+        `source`."""
+        label = self._label(label)
+        if label in self.corrections:
+            training = self.training_tensors(source)
+            for name, tensor in self._live(target).items():
+                tensor.copy_(self._readout(label, name, training[name]))
+            return
         ema = self.ema_tensors(source, label)
         for name, tensor in self._live(target).items():
             tensor.copy_(ema[name])
@@ -386,17 +432,23 @@ class EMAStore:
         module: nn.Module,
         ema: Mapping[str, Mapping[str, Tensor]],
         training: Mapping[str, Tensor] | None,
+        origins: Mapping[str, Mapping[str, Tensor]] | None = None,
     ) -> None:
-        """Restores every average (`ema[label][name]`, full tensors) and the module's training weights when given,
-        exactly.
+        """Restores every average (`ema[label][name]`, full tensors), the start weights of bias-corrected ones
+        (`origins[label][name]`) and the module's training weights when given, exactly.
 
         Shapes and dtypes must match the store (a float32 average is never loaded from a rounded copy). Sharded
         parameters take their local slice of each full tensor, so a checkpoint loads at another world size too.
         """
         tracked = self._tracked(module)
 
-        def local(name: str, label: str | None) -> Tensor:
-            full = training[name] if label is None else ema[label][name]
+        def local(name: str, label: str | Origin | None) -> Tensor:
+            if label is None:
+                full = training[name]
+            elif isinstance(label, Origin):
+                full = origins[label.label][name]
+            else:
+                full = ema[label][name]
             return self.layouts[name].shard(tracked[name], full)
 
         self._restore_(module, local, with_training=training is not None)
@@ -409,6 +461,8 @@ class EMAStore:
         state = {}
         for label in self.labels:
             state.update({(label, n): t for n, t in self.ema_tensors(module, label).items()})
+        for label, origins in self.origins.items():
+            state.update({(Origin(label), n): t for n, t in origins.items()})
         if with_training:
             state.update({(None, n): t for n, t in self.training_tensors(module).items()})
         return state
@@ -443,6 +497,7 @@ class EMAStore:
         for name in self._names:
             layout = self.layouts[name]
             kinds = [(label, self.averages[label][name]) for label in self.labels]
+            kinds += [(Origin(label), origins[name]) for label, origins in self.origins.items()]
             kinds += [(None, live[name])] if with_training else []
             for label, local in kinds:
                 if layout.flat == (name in saved_flat):
@@ -458,7 +513,7 @@ class EMAStore:
         `empty_sharded_state`."""
         tracked, saved_flat = self._tracked(module), set(saved_flat)
 
-        def local(name: str, label: str | None) -> Tensor:
+        def local(name: str, label: str | Origin | None) -> Tensor:
             loaded = state[label, name]
             layout = self.layouts[name]
             if layout.flat == (name in saved_flat):
@@ -468,9 +523,12 @@ class EMAStore:
         self._restore_(module, local, with_training=any(label is None for label, _ in state))
 
     @torch.no_grad()
-    def _restore_(self, module: nn.Module, local: Callable[[str, str | None], Tensor], with_training: bool) -> None:
-        """Sets each average to `local(name, label)` (this rank's tensor) and, `with_training`, each live tensor to
-        `local(name, None)`; then the model holds the training weights."""
+    def _restore_(
+        self, module: nn.Module, local: Callable[[str, str | Origin | None], Tensor], with_training: bool
+    ) -> None:
+        """Sets each average to `local(name, label)` (this rank's tensor), each start weight of a bias-corrected
+        average to `local(name, Origin(label))` and, `with_training`, each live tensor to `local(name, None)`; then the
+        model holds the training weights."""
         self.wait()
         self.holds = None
         self._stash.clear()
@@ -478,6 +536,8 @@ class EMAStore:
         for name in self._names:
             for label in self.labels:
                 self.averages[label][name].copy_(local(name, label))
+            for label, origins in self.origins.items():
+                origins[name].copy_(local(name, Origin(label)))
             if with_training:
                 live[name].copy_(local(name, None))
         if with_training:

@@ -44,6 +44,12 @@ def resume_with_other_averages(tmp_path):
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-8"))
 
 
+def resume_with_bema_added(tmp_path):
+    trained_checkpoint(tmp_path)
+    trainer, _, _ = build(tmp_path, EMAArguments(bema=True), num_train_epochs=2)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-8"))
+
+
 def args_case(**kwargs):
     return lambda tmp_path: EMAArguments(**kwargs)
 
@@ -340,6 +346,24 @@ CATALOGUE = [
     ("ema_start past the run", args_case(ema_start="1.5dur"), ValueError, ["`ema_start`", "[0, 1]"]),
     ("ema_dtype unknown", args_case(ema_dtype="float16"), ValueError, ["`ema_dtype`", "'float16'", "'auto'"]),
     ("checkpoint weights unknown", args_case(ema_checkpoint_weights="both"), ValueError, ["`ema_checkpoint_weights`"]),
+    ("BEMA kappa out of range", args_case(bema=True, bema_ema_power=1.5), ValueError, ["`bema_ema_power`", "[0, 1]"]),
+    ("BEMA eta negative", args_case(bema=True, bema_bias_power=-0.2), ValueError, ["`bema_bias_power`", ">= 0"]),
+    ("BEMA lag 0 with a correction", args_case(bema=True, bema_lag=0.0), ValueError, ["`bema_lag`", "infinite"]),
+    ("BEMA multiplier 0", args_case(bema=True, bema_multiplier=0.0), ValueError, ["`bema_multiplier`", "positive"]),
+    (
+        "BEMA first weight above 1",
+        args_case(bema=True, bema_lag=0.2, bema_multiplier=0.5),
+        ValueError,
+        ["`bema_lag` + `bema_multiplier`", "at least 1"],
+    ),
+    ("BEMA setting without bema", args_case(bema_lag=5.0), ValueError, ["`bema_lag`", "bema=True"]),
+    ("BEMA with warmup", args_case(bema=True, ema_warmup_power=0.75), ValueError, ["`ema_warmup_power`", "BEMA"]),
+    (
+        "BEMA with post-hoc snapshots",
+        args_case(bema=True, sigma_rel=0.1, ema_snapshot_every="100ba"),
+        ValueError,
+        ["`ema_snapshot_every`", "`bema`"],
+    ),
     ("callback given a string", callback_with_string, TypeError, ["EMAArguments"]),
     ("trainer given settings twice", trainer_with_both, ValueError, ["`ema_args`", "EMACallback"]),
     (
@@ -366,6 +390,12 @@ CATALOGUE = [
         resume_with_other_averages,
         EMAStateError,
         [SIDECAR, "holds the averages ['4ba']", "ask for ['4ba', '8ba']"],
+    ),
+    (
+        "resumed with BEMA added",
+        resume_with_bema_added,
+        EMAStateError,
+        [SIDECAR, "holds the averages ['4ba']", "ask for ['bema']", "theta_0"],
     ),
     ("sidecar of another model", foreign_names, EMAStateError, [SIDECAR, "another model", "encoder.weight"]),
     ("sidecar shape differs", shape_mismatch, EMAStateError, [SIDECAR, "shape or dtype differs", "linear.bias"]),

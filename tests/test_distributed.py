@@ -14,8 +14,13 @@ from safetensors.torch import load_file
 WORKER = os.path.join(os.path.dirname(__file__), "distributed", "worker.py")
 
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def torchrun(*args, timeout=240, **extra_env):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra_env}
+    # The workers import hf_ema from this checkout, as the tests do (not from wherever the package is installed).
+    path = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **extra_env}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", WORKER, *args],
         capture_output=True,
@@ -289,3 +294,18 @@ def test_ema_object_on_an_fsdp2_model(tmp_path):
     saved = load_file(tmp_path / "ema-fsdp2" / "model.safetensors")  # gathered, written by rank 0
     assert_close({n: t.double() for n, t in saved.items() if n in ranks[0]["full"]["4ba"]}, ranks[0]["full"]["4ba"])
     assert set(saved) == set(ranks[0]["full"]["4ba"])
+
+
+def test_bema_on_an_fsdp2_model(tmp_path):
+    from test_bema import bema_reference
+
+    torchrun("ema_loop_fsdp2_bema", str(tmp_path))
+    ranks = [torch.load(tmp_path / f"ema-fsdp2-bema-rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert ranks[0]["local"]["0.weight"] == (4, 6)  # theta_0 is shard-local like the average
+    # Updates at steps 2, 4, 6; read at step 7 with the training weights of step 7.
+    expected = bema_reference(ranks[0]["weights"], 6, every=2, now=7)
+    for r in ranks:
+        assert_close(r["readout"], expected)
+        assert_close(r["reloaded"], r["readout"], rtol=0, atol=0)  # the sharded EMA state, theta_0 and all
+        assert_close(r["training"], r["weights"][7], rtol=0, atol=0)
+    assert any(name.endswith(".distcp") for name in ranks[0]["files"])

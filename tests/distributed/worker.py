@@ -288,6 +288,22 @@ def deepspeed_run(out: str, stage: str, kind: str, resume_from: str | None) -> N
     )
 
 
+def _train_fsdp2_loop(model: torch.nn.Module, steps: int, rank: int, after_step) -> dict[int, dict[str, torch.Tensor]]:
+    """`steps` SGD steps of the FSDP2 model on this rank's random batches, calling `after_step(step)` after each (the
+    EMA's step); returns the full weights at step 0 and after each step."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    weights = {0: _full_weights(model)}
+    generator = torch.Generator().manual_seed(rank)
+    for step in range(1, steps + 1):
+        x, y = torch.randn(4, 6, generator=generator), torch.randn(4, 3, generator=generator)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        after_step(step)
+        weights[step] = _full_weights(model)
+    return weights
+
+
 def fsdp2_snapshots(out: str) -> None:
     """Post-hoc EMA snapshots of an FSDP2 model: each rank writes its shards (float32 and bfloat16 series)."""
     import torch.distributed as dist
@@ -299,7 +315,6 @@ def fsdp2_snapshots(out: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     model = _fsdp2_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     max_steps = 12
     averagers = []
     for dtype in ("float32", "bfloat16"):  # driven as the Trainer's hooks would, without a Trainer
@@ -308,18 +323,14 @@ def fsdp2_snapshots(out: str) -> None:
         averager.start(Clock(), 0)
         averager.begin_snapshots(os.path.join(out, dtype), 0, Clock(), main=rank == 0)
         averagers.append(averager)
-    weights = {0: {n: p.full_tensor().detach().double().clone() for n, p in model.named_parameters()}}
-    generator = torch.Generator().manual_seed(rank)
-    for step in range(1, max_steps + 1):
-        x, y = torch.randn(4, 6, generator=generator), torch.randn(4, 3, generator=generator)
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        weights[step] = {n: p.full_tensor().detach().double().clone() for n, p in model.named_parameters()}
+
+    def after_step(step: int) -> None:
         clock = Clock.from_counters(step, step / max_steps, 8, 0, max_steps)
         for averager in averagers:
             averager.step(clock, step)
             averager.snapshot(clock, step, final=step == max_steps, main=rank == 0)
+
+    weights = _train_fsdp2_loop(model, max_steps, rank, after_step)
     if rank == 0:
         torch.save({"weights": weights}, os.path.join(out, "fsdp2-snapshots.pt"))
 
@@ -375,17 +386,8 @@ def ema_loop_fsdp2(out: str) -> None:
     rank = dist.get_rank()
 
     model = _fsdp2_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     ema = EMA(model, EMAArguments(half_life=["4ba", "8ba"]))
-    weights = {0: _full_weights(model)}
-    generator = torch.Generator().manual_seed(rank)
-    for step in range(1, 7):
-        x, y = torch.randn(4, 6, generator=generator), torch.randn(4, 3, generator=generator)
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        ema.step()
-        weights[step] = _full_weights(model)
+    weights = _train_fsdp2_loop(model, 6, rank, lambda step: ema.step())
     store = ema._averager.store
     local = {n: tuple(t.shape) for n, t in store.shadow.items()}
     full = {label: full_tensors(store, model, label) for label in ema.labels}
@@ -399,6 +401,40 @@ def ema_loop_fsdp2(out: str) -> None:
         {"weights": weights, "full": full, "reloaded": reloaded, "local": local, "steps": resumed.steps},
         os.path.join(out, f"ema-fsdp2-rank{rank}.pt"),
     )
+
+
+def ema_loop_fsdp2_bema(out: str) -> None:
+    """`hf_ema.EMA` keeping BEMA on an FSDP2 model: theta_0 shard-local like the average, the readout gathered, and a
+    sharded EMA state (every rank its shards, theta_0 included) loaded into a new sharded model."""
+    import torch.distributed as dist
+
+    from hf_ema import EMA, EMAArguments
+    from hf_ema.averager import Averager
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    args = EMAArguments(bema=True, update_interval="2ba")
+    model = _fsdp2_model()
+    ema = EMA(model, args)
+    weights = _train_fsdp2_loop(model, 7, rank, lambda step: ema.step())
+    store = ema._averager.store
+    local = {n: tuple(t.shape) for n, t in store.origins["bema"].items()}
+    folder = os.path.join(out, "checkpoint-7")
+    with ema.average_weights():
+        readout = _full_weights(model)
+        ema._averager.save(folder, 7, main=rank == 0, holds="bema")  # sharded: the training weights go in too
+    fresh = _fsdp2_model()
+    loaded = Averager(args)
+    loaded.reset(fresh, sharded=True)
+    loaded.load(folder, expected_step=7)
+    training = _full_weights(fresh)
+    with loaded.ema_weights(fresh, label="bema"):
+        reloaded = _full_weights(fresh)
+    torch.save(
+        {"weights": weights, "readout": readout, "reloaded": reloaded, "training": training, "local": local,
+         "files": sorted(os.listdir(os.path.join(folder, "ema_state")))},
+        os.path.join(out, f"ema-fsdp2-bema-rank{rank}.pt"),
+    )  # fmt: skip
 
 
 def shut_down() -> None:
@@ -424,6 +460,8 @@ if __name__ == "__main__":
         ema_loop_ddp(sys.argv[2])
     elif sys.argv[1] == "ema_loop_fsdp2":
         ema_loop_fsdp2(sys.argv[2])
+    elif sys.argv[1] == "ema_loop_fsdp2_bema":
+        ema_loop_fsdp2_bema(sys.argv[2])
     else:
         fsdp2(sys.argv[2])
     shut_down()
