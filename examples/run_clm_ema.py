@@ -7,13 +7,17 @@ plus three special tokens (built in code with `tokenizers`), and the model is a 
 
     python examples/run_clm_ema.py                                   # the defaults below (timing under the list)
     python examples/run_clm_ema.py --half_life 200ba --update_interval 5ba --max_steps 1000
+    python examples/run_clm_ema.py --half_life 60ba 150ba --bema --update_interval 1ba   # three averages side by side
     python examples/run_clm_ema.py args.json                         # or args.yaml: the same names as the flags
     python examples/run_clm_ema.py --help                            # every option: model, data, Trainer, EMA
 
 Evaluations score the EMA weights as `eval_loss` and (with `--ema_eval_training_weights`, on by default here) the
 training weights as `eval_training_loss`, in the same log line. At the end the EMA weights and the tokenizer are saved
 to `--output_dir` (load them with `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`), with
-`eval_results.json` holding both perplexities. Any default below can be given again on the command line.
+`eval_results.json` holding both perplexities. Any default below can be given again on the command line. With
+several half-lives and `--bema` every evaluation also scores the other averages, as `eval_ema_<label>_loss`
+(`eval_ema_150ba_loss`, `eval_ema_bema_loss`); the first half-life is the one saved and scored as `eval_loss`.
+`benchmarks/bench_quality.py` runs that comparison (docs/benchmarks.md, "Quality").
 
 With the defaults (600 steps of 8 x 128 bytes, a 0.46M-parameter Llama, half-life 50ba updated every 5ba) one run
 took 9 min 33 s wall clock and 5 min 32 s of CPU time on a 2-core machine that other jobs were loading at the same

@@ -22,7 +22,7 @@ def test_run_clm_ema_few_steps(tmp_path):
     command = [
         sys.executable, str(EXAMPLE),
         "--output_dir", str(out),
-        "--half_life", "200ba", "--update_interval", "5ba",
+        "--half_life", "200ba", "--bema", "--update_interval", "5ba",
         "--max_steps", "6", "--max_files", "12", "--max_eval_samples", "16",
         "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
         "--block_size", "64", "--hidden_size", "32", "--intermediate_size", "64",
@@ -42,6 +42,7 @@ def test_run_clm_ema_few_steps(tmp_path):
     state = json.loads((out / "trainer_state.json").read_text())
     evals = [h for h in state["log_history"] if "eval_loss" in h]
     assert [h["step"] for h in evals] == [3, 6] and all("eval_training_loss" in h for h in evals)
+    assert all(math.isfinite(h["eval_ema_bema_loss"]) for h in evals)  # --bema: a second average, in the same line
 
     # The saved model is the EMA (one update at step 5 of a 200-step half-life, so close to the start) and differs
     # from the training weights at step 6, which the checkpoint's EMA state holds.
