@@ -130,6 +130,14 @@ class EMAArguments:
             Check the training weights before each update and skip the update (with a warning) when any is NaN or
             infinite. Costs one host synchronisation per update. Without it, a non-finite average is refused with an
             error when a checkpoint is written or training ends, never saved silently.
+        ema_reference (`str`, *optional*):
+            The label of an average that serves as the reference model of TRL's `DPOTrainer` (and its subclasses)
+            trained as an `EMAMixin` trainer: the trainer's `ref_model` holds that average from the start of
+            averaging and after every update (TR-DPO's soft update `ref = (1 - alpha) ref + alpha policy` every `k`
+            steps is `smoothing=1 - alpha, update_interval="<k>ba"`). That average is never placed into the policy:
+            evaluation, checkpoints' model files, `save_model` and `push_to_hub` use the first other average, or the
+            training weights when it is the only one. It is kept in the EMA state, so resume is exact
+            (docs/usage.md, "The EMA as DPO's reference model").
 
     Example:
 
@@ -274,6 +282,14 @@ class EMAArguments:
             "update. Without it a non-finite average raises when a checkpoint is written or training ends."
         },
     )
+    ema_reference: str | None = field(
+        default=None,
+        metadata={
+            "help": "DPO (TRL's DPOTrainer as an EMAMixin trainer): the label of the average the trainer's ref_model "
+            "holds (e.g. '0.4' with smoothing=0.4, update_interval='512ba': TR-DPO); never evaluated or saved as the "
+            "policy."
+        },
+    )
     ema_snapshot_every: str | None = field(
         default=None,
         metadata={
@@ -362,6 +378,21 @@ class EMAArguments:
                 raise TypeError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
         _check_bema(self)
         _check_snapshots(self)
+        self._check_reference()
+
+    def _check_reference(self) -> None:
+        if self.ema_reference is None:
+            return
+        if isinstance(self.ema_reference, (int, float)) and not isinstance(self.ema_reference, bool):
+            self.ema_reference = str(self.ema_reference)  # smoothing=0.4, ema_reference=0.4
+        labels = self._base_labels()
+        if not isinstance(self.ema_reference, str) or self.ema_reference.strip() not in labels:
+            raise ValueError(
+                f"`ema_reference` must be the label of one of the averages, {labels}, got {self.ema_reference!r}: "
+                "it names the average the DPO reference model holds. Use e.g. smoothing=0.4, update_interval='512ba', "
+                "ema_reference='0.4' (TR-DPO with ref_model_mixup_alpha=0.6, ref_model_sync_steps=512)."
+            )
+        self.ema_reference = self.ema_reference.strip()
 
     def _check_composer(self) -> None:
         """What Composer's EMA accepts: an interval in 'ba' or 'ep', a half-life in the interval's unit (or a fixed
@@ -390,8 +421,22 @@ class EMAArguments:
     @property
     def labels(self) -> list[str]:
         """The averages' labels, primary first: each value as written (`"2000ba"`, `"0.999"`, `"0.05"`), then `"bema"`
-        with `bema=True`."""
+        with `bema=True`; the `ema_reference` average comes last."""
+        return self._reference_last(self._base_labels())
+
+    def _base_labels(self) -> list[str]:
         return self._kind_labels() + ([BEMA_LABEL] if self.bema else [])
+
+    def _reference_last(self, items: list) -> list:
+        """`items` (labels, or `(label, rule)` pairs in label order) with the `ema_reference` average moved last."""
+        reference = self.ema_reference
+        return sorted(items, key=lambda item: (item if isinstance(item, str) else item[0]) == reference)
+
+    @property
+    def placed_labels(self) -> list[str]:
+        """The averages evaluation, checkpoints and `save_model` may place into the model, primary first: all but
+        the `ema_reference` average."""
+        return [label for label in self.labels if label != self.ema_reference]
 
     def _kind_labels(self) -> list[str]:
         """The labels of the `half_life`, `smoothing` or `sigma_rel` averages (none with only `bema`)."""
@@ -401,7 +446,8 @@ class EMAArguments:
 
     @property
     def primary_label(self) -> str:
-        """The label of the primary average: the one evaluation's `eval_*`, checkpoints and save_model use."""
+        """The label of the primary average: the one evaluation's `eval_*`, checkpoints and save_model use (unless it
+        is the `ema_reference` average, the only one: they then use the training weights)."""
         return self.labels[0]
 
     def _parsed_values(self) -> list:
@@ -421,7 +467,7 @@ class EMAArguments:
             rules = [Warmup(rule, float(self.ema_warmup_power), float(self.ema_warmup_inv_gamma)) for rule in rules]
         if self.bema:
             rules.append(self.bema_rule())
-        return dict(zip(self.labels, rules, strict=True))
+        return dict(self._reference_last(list(zip(self._base_labels(), rules, strict=True))))
 
     def bema_rule(self) -> BEMA:
         """The BEMA rule of these settings (whether or not `bema` is set)."""

@@ -57,7 +57,7 @@ class Averager:
         self.model: nn.Module | None = None
         self.store: EMAStore | None = None
         self.schedule = self._new_schedule()
-        self.placement = Placement(lambda: self.store, lambda: self.model)
+        self.placement = Placement(lambda: self.store, lambda: self.model, ema_args.ema_reference)
         self.sharded = False  # the model's parameters are sharded across ranks (FSDP2, ZeRO-3)
         self.log = True  # this process logs (the main process)
         self.run_id: str | None = None  # recorded in every EMA state written, with the run's output folder

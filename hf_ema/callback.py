@@ -10,6 +10,7 @@ import contextlib
 import logging
 import math
 import os
+from collections.abc import Callable
 
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -100,6 +101,9 @@ class EMACallback(TrainerCallback):
         self.trial_output_dir: str | None = None  # told by an EMAMixin trainer for a hyper-parameter search trial
         self.output_dir: str | None = None  # where this train() writes checkpoints and snapshots
         self._sidecar_step: int | None = None
+        # Called after the averages start, are restored or update (an EMAMixin trainer with `ema_reference` copies
+        # that average into its DPO reference model).
+        self.after_averages_move: Callable[[], None] | None = None
 
     # ---- public helpers ----
 
@@ -206,6 +210,7 @@ class EMACallback(TrainerCallback):
 
     def on_init_end(self, args, state, control, **kwargs):
         guards.claim(state, self)
+        guards.refuse_reference_without_trainer(self.ema_args, self.trainer is not None)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         guards.claim(state, self)
@@ -216,6 +221,7 @@ class EMACallback(TrainerCallback):
             else:
                 averager.placement.place(TRAINING)  # a second train(): continue from the training weights
         guards.check_units(averager, args, state)
+        guards.refuse_reference_without_trainer(self.ema_args, self.trainer is not None)
         if self.trainer is None:
             guards.refuse_search_without_trial_folder(averager, args, state)
         # A hyper-parameter search trial writes into its own folder (output_dir/run-<trial id>/, which only the
@@ -240,6 +246,7 @@ class EMACallback(TrainerCallback):
             averager.start(clock, state.global_step)
         guards.warn_if_no_update_can_happen(averager, args, state, kwargs.get("train_dataloader"), clock)
         averager.begin_snapshots(self.output_dir, state.global_step, clock, main=args.process_index == 0)
+        self._tell_averages_moved()
         self._apply("on_train_begin", args, control)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -312,6 +319,7 @@ class EMACallback(TrainerCallback):
             # The Trainer loaded the best checkpoint's model files into the model; take its EMA state with them.
             self.placement.forget()
             self._load_best(state, model)
+            self._tell_averages_moved()
         if self.started:
             self.placement.place(TRAINING)
             self.averager.check_finite(
@@ -365,7 +373,14 @@ class EMACallback(TrainerCallback):
             epoch = float(state.epoch or 0.0)
             completed = round(epoch) if event == "epoch" else max(math.ceil(epoch - 1e-9) - 1, 0)
             clock = Clock(**{**clock.to_dict(), "ep": float(completed)})
+        before = (self.averager.started, self.averager.num_updates)
         self.averager.step(clock, state.global_step, event)
+        if (self.averager.started, self.averager.num_updates) != before:
+            self._tell_averages_moved()
+
+    def _tell_averages_moved(self) -> None:
+        if self.after_averages_move is not None and self.averager.started:
+            self.after_averages_move()
 
     def _checkpoint_wants_ema(self) -> bool:
         return self.ema_args.ema_checkpoint_weights == "ema"

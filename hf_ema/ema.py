@@ -126,6 +126,13 @@ class EMA:
                 f"ema_snapshot_every={ema_args.ema_snapshot_every!r} writes post-hoc snapshots, but EMA was given no "
                 "folder for them. Pass EMA(model, ema_args, output_dir=...), or leave ema_snapshot_every unset."
             )
+        if ema_args.ema_reference is not None:
+            raise ValueError(
+                f"ema_reference={ema_args.ema_reference!r} makes a DPO trainer's reference model hold an average; EMA "
+                "in a loop of your own has no reference model to write. Drop ema_reference and read the average "
+                f"where your loop needs it: with ema.ema_weights({ema_args.ema_reference!r}): ... or "
+                f"ema.ema_model({ema_args.ema_reference!r})."
+            )
         defaults = {f.name: f.default for f in fields(EMAArguments)}
         ignored = [name for name in TRAINER_ONLY if getattr(ema_args, name) != defaults[name]]
         if ignored and _is_main():

@@ -16,6 +16,7 @@ from .time import Clock, reached
 if TYPE_CHECKING:  # annotations only: the Trainer's objects are passed in, and no import cycle
     from transformers import TrainerState, TrainingArguments
 
+    from .arguments import EMAArguments
     from .averager import Averager
 
 logger = logging.getLogger(__name__)
@@ -110,6 +111,19 @@ def refuse_search_without_trial_folder(averager: Averager, args: TrainingArgumen
         f"{args.output_dir}/run-<trial id>/, a folder a callback is not told, so every trial's EMA files would go "
         "into output_dir and overwrite each other. Use EMATrainer (or a Trainer subclass mixing in hf_ema.EMAMixin), "
         "which puts them into the trial's folder; or set save_strategy='no' and ema_snapshot_every=None."
+    )
+
+
+def refuse_reference_without_trainer(ema_args: EMAArguments, bound: bool) -> None:
+    """Refuses `ema_reference` on a callback no EMAMixin trainer drives: a callback is not given the DPO trainer's
+    reference model, so that average would be kept and never used as the reference."""
+    if ema_args.ema_reference is None or bound:
+        return
+    raise ValueError(
+        f"EMAArguments(ema_reference={ema_args.ema_reference!r}) needs a trainer that mixes in hf_ema.EMAMixin: a "
+        "callback on a stock trainer is not given the trainer's ref_model, so the reference would never receive the "
+        "average. Define `class EMADPOTrainer(EMAMixin, DPOTrainer): pass` and pass ema_args=... to it instead of "
+        "an EMACallback (docs/usage.md, 'The EMA as DPO's reference model')."
     )
 
 

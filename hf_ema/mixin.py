@@ -13,11 +13,13 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .arguments import BEMA_LABEL, EMAArguments
 from .callback import EMACallback
+from .core import tracked_tensors
 from .placement import TRAINING, Target
 
 EMA_TAGS = ["hf-ema", "ema"]
@@ -83,7 +85,11 @@ class EMAMixin:
         self._ema_evaluating = 0  # open evaluate() calls: their evaluation loop also runs the other weights
         self._ema_in_passes = False
         self._ema_told_zero3_gather = False
+        self._ema_reference_checked = False
         super().__init__(*args, callbacks=callbacks, **kwargs)
+        if callback.ema_args.ema_reference is not None:
+            self._ema_reference_tensors()  # refuses what cannot hold the average, now rather than at train()
+            callback.after_averages_move = self._ema_sync_reference
 
     def add_callback(self, callback: Any) -> None:
         if _is_ema_callback(callback):
@@ -137,7 +143,81 @@ class EMAMixin:
         callback = self._ema_callback
         if not training:
             callback.note_if_not_started()
-        return callback.placement.holding(TRAINING if training else callback.primary_label, explicit=False)
+        return callback.placement.holding(TRAINING if training else callback.placement.primary, explicit=False)
+
+    # ---- the DPO reference model (`ema_reference`) ----
+
+    def _ema_reference_tensors(self) -> dict[str, Any]:
+        """The reference model's tensors by the names the policy's average has, refusing a trainer whose reference
+        cannot hold that average."""
+        a = self.ema_args
+        setting = f"EMAArguments(ema_reference={a.ema_reference!r})"
+        if getattr(self.args, "sync_ref_model", False):
+            raise ValueError(
+                f"{setting} and {type(self.args).__name__}(sync_ref_model=True) would both write the reference model. "
+                "Set sync_ref_model=False: the average replaces TRL's soft update (ref_model_mixup_alpha=a every "
+                "ref_model_sync_steps=k is smoothing=1 - a, update_interval='<k>ba')."
+            )
+        reference = getattr(self, "ref_model", None)
+        if reference is None:
+            if not hasattr(self, "ref_model"):
+                why = f"{type(self).__name__} has no reference model (`ref_model`); ema_reference is for DPOTrainer"
+            elif getattr(self.args, "precompute_ref_log_probs", False):
+                why = (
+                    "precompute_ref_log_probs=True computes the reference's log-probabilities once, before training, "
+                    "so a reference that follows the policy cannot be used; set precompute_ref_log_probs=False"
+                )
+            else:
+                why = (
+                    "the trainer keeps no reference model (with a PEFT model, DPOTrainer disables the adapter "
+                    "instead); train the full model and pass ref_model=copy.deepcopy(model)"
+                )
+            raise ValueError(f"{setting} needs a reference model to hold the average: {why}.")
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError(
+                f"{setting} is not supported with DeepSpeed or FSDP (the reference model is sharded or wrapped there, "
+                "untested); train on one device or with DDP, or drop ema_reference."
+            )
+        policy = self.accelerator.unwrap_model(self.model)
+        reference = self.accelerator.unwrap_model(reference)
+        theirs = dict(reference.named_parameters()) | dict(reference.named_buffers())
+        names = [n for n, t, kind in tracked_tensors(policy, buffers=a.ema_buffers) if kind == "average"]
+        wrong = [
+            n
+            for n, t, kind in tracked_tensors(policy)
+            if n in names and (n not in theirs or theirs[n].shape != t.shape)
+        ]
+        if wrong:
+            raise ValueError(
+                f"{setting}: the reference model ({type(reference).__name__}) lacks tensors the policy averages, or "
+                f"holds them in other shapes ({wrong[:3]}{' ...' if len(wrong) > 3 else ''}); the reference must be a "
+                "copy of the policy's architecture. Pass ref_model=copy.deepcopy(model)."
+            )
+        return {n: theirs[n] for n in names}
+
+    def _ema_sync_reference(self) -> None:
+        """Copies the `ema_reference` average into the reference model (after the averages start, load or update)."""
+        callback = self._ema_callback
+        tensors = self._ema_reference_tensors()
+        callback.store.copy_ema_to(self.ref_model, callback.model, self.ema_args.ema_reference, tensors=tensors)
+
+    def _ema_check_reference_starts_as_policy(self) -> None:
+        """A fresh run's reference model must equal the policy: the average starts from the policy's weights and
+        replaces the reference at the start of averaging."""
+        tensors = self._ema_reference_tensors()
+        policy = dict(self.accelerator.unwrap_model(self.model).named_parameters())
+        policy |= dict(self.accelerator.unwrap_model(self.model).named_buffers())
+        for name, theirs in tensors.items():
+            ours = policy[name].detach().to(device=theirs.device, dtype=theirs.dtype)
+            if not torch.equal(ours, theirs):
+                difference = float((ours.double() - theirs.detach().double()).abs().max())
+                raise ValueError(
+                    f"EMAArguments(ema_reference={self.ema_args.ema_reference!r}) starts the reference from the "
+                    f"policy's weights, but the ref_model given differs from the policy ({name!r} by up to "
+                    f"{difference:.3g}); hf-ema would replace it when averaging starts. Pass "
+                    "ref_model=copy.deepcopy(model) (TR-DPO starts both from the same model), or drop ema_reference "
+                    "to keep a fixed reference."
+                )
 
     # ---- training ----
 
@@ -150,6 +230,9 @@ class EMAMixin:
         self._ema_callback.trial_output_dir = self._get_output_dir(trial=trial) if trial is not None else None
         # A second train() continues from the training weights: put them back before any callback looks.
         self._ema_callback.restore_training_weights()
+        if self.ema_args.ema_reference is not None and not self._ema_reference_checked and not path:
+            self._ema_check_reference_starts_as_policy()
+        self._ema_reference_checked = True
         try:
             return super().train(resume_from_checkpoint, trial, *args, **kwargs)
         except BaseException:
@@ -209,8 +292,8 @@ class EMAMixin:
             return []
         passes: list[tuple[Target, str]] = []
         if not (callback.training and self.ema_args.ema_eval_during_training == "primary"):
-            passes += [(label, f"{prefix}_ema_{label}") for label in callback.labels[1:]]
-        if self.ema_args.ema_eval_training_weights:
+            passes += [(label, f"{prefix}_ema_{label}") for label in self.ema_args.placed_labels[1:]]
+        if self.ema_args.ema_eval_training_weights and callback.placement.primary is not TRAINING:
             passes.append((TRAINING, f"{prefix}_training"))
         return passes
 
@@ -226,7 +309,7 @@ class EMAMixin:
             if _internal_call or not self.ema_args.ema_save_all_averages or self._ema_callback.placement.explicit:
                 return
             folder = output_dir if output_dir is not None else self.args.output_dir
-            for label in self._ema_callback.labels[1:]:
+            for label in self.ema_args.placed_labels[1:]:
                 with self._ema_callback.placement.visiting(label):
                     # _internal_call: no hub push of the extra folders
                     super().save_model(os.path.join(folder, f"ema-{label}"), _internal_call=True, **kwargs)
@@ -311,6 +394,8 @@ class EMAMixin:
         others = ""
         if len(callback.labels) > 1:
             others = f" Averages kept during training: {', '.join(f'`{label}`' for label in callback.labels)}."
+        if a.ema_reference is not None:
+            others += f" The average `{a.ema_reference}` was the DPO reference model."
         return (
             "\n## Exponential moving average\n\n"
             f"{weights}, kept with [hf-ema](https://pypi.org/project/hf-ema/): update interval "

@@ -58,10 +58,18 @@ class Placement:
     Args:
         store (`Callable[[], EMAStore | None]`): returns the current store (it is rebuilt at start and on resume).
         model (`Callable[[], nn.Module | None]`): returns the model the store averages.
+        reference (`str`, *optional*): the label of the average a DPO reference model holds (`ema_reference`),
+            which implicit placements never put into the model.
     """
 
-    def __init__(self, store: Callable[[], EMAStore | None], model: Callable[[], nn.Module | None]) -> None:
+    def __init__(
+        self,
+        store: Callable[[], EMAStore | None],
+        model: Callable[[], nn.Module | None],
+        reference: str | None = None,
+    ) -> None:
         self._store, self._model = store, model
+        self._reference = reference  # the DPO reference's average (`ema_reference`): never the implicit primary
         self._explicit: list[Target] = []  # the targets of the user's open explicit blocks, innermost last
         self._implicit = 0  # open implicit blocks
 
@@ -103,9 +111,10 @@ class Placement:
 
     @property
     def primary(self) -> Target:
-        """The primary average's label once averaging has started, else `TRAINING`."""
+        """The primary average's label once averaging has started, else `TRAINING` (also when the primary is the
+        DPO reference's average, `ema_reference`, the only one)."""
         store = self._store()
-        return store.primary if store is not None else TRAINING
+        return store.primary if store is not None and store.primary != self._reference else TRAINING
 
     @contextlib.contextmanager
     def holding(self, target: Target, explicit: bool) -> Iterator[None]:

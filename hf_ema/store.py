@@ -404,17 +404,25 @@ class EMAStore:
         return first_non_finite(names, tensors)
 
     @torch.no_grad()
-    def copy_ema_to(self, target: nn.Module, source: nn.Module, label: str | None = None) -> None:
+    def copy_ema_to(
+        self,
+        target: nn.Module,
+        source: nn.Module,
+        label: str | None = None,
+        tensors: Mapping[str, Tensor] | None = None,
+    ) -> None:
         """Writes an average (rounded to `target`'s dtypes; a bias-corrected one as it reads) into `target`, a copy of
-        `source`."""
+        `source`. `tensors`: the target's tensors to write, by the averaged names (default: those `target` tracks,
+        checked against the store; given, for a target whose parameters are frozen, as a DPO reference model's)."""
         label = self._label(label)
+        live = self._live(target) if tensors is None else tensors
         if label in self.corrections:
             training = self.training_tensors(source)
-            for name, tensor in self._live(target).items():
+            for name, tensor in live.items():
                 tensor.copy_(self._readout(label, name, training[name]))
             return
         ema = self.ema_tensors(source, label)
-        for name, tensor in self._live(target).items():
+        for name, tensor in live.items():
             tensor.copy_(ema[name])
 
     @torch.no_grad()

@@ -207,3 +207,47 @@ def search_trainer(folder, ema_args, kind="ema_trainer", model=None, **overrides
     if kind == "ema_trainer":
         return EMATrainer(ema_args=ema_args, **common)
     return Trainer(callbacks=[EMACallback(ema_args)], **common)
+
+
+def dpo_data(n: int = 16):
+    """Preference pairs of words the test tokenizer knows (test_trl.tokenizer), the same for every call."""
+    from datasets import Dataset
+
+    generator = torch.Generator().manual_seed(0)
+
+    def words(count):
+        return " ".join(f"w{int(i)}" for i in torch.randint(0, 61, (count,), generator=generator))
+
+    rows = [(words(4), words(3), words(3)) for _ in range(n)]
+    return Dataset.from_dict({key: [row[i] for row in rows] for i, key in enumerate(("prompt", "chosen", "rejected"))})
+
+
+def dpo_trainer(
+    folder, ema_args=None, callbacks=(), ref_model="copy", kind="ema_trainer", peft_config=None, **overrides
+):
+    """TRL's DPOTrainer on a tiny Llama from a config (nothing downloaded): an `EMAMixin` subclass given `ema_args`,
+    or TRL's own (`kind="trl"`, e.g. with sync_ref_model=True), or a stock DPOTrainer with an EMACallback
+    (`kind="callback"`). 16 pairs, batch 4: 4 optimizer steps per epoch. `ref_model="copy"`: a deep copy of the
+    policy."""
+    import copy
+
+    import trl
+    from test_trl import tokenizer
+
+    from hf_ema import EMAMixin
+
+    class EMADPOTrainer(EMAMixin, trl.DPOTrainer):
+        pass
+
+    policy = tiny_llama()
+    reference = copy.deepcopy(policy) if isinstance(ref_model, str) and ref_model == "copy" else ref_model
+    settings = dict(max_length=16, learning_rate=0.05, beta=0.1, num_train_epochs=3) | overrides
+    args = make_args(folder, args_class=trl.DPOConfig, **settings)
+    common = dict(model=policy, ref_model=reference, args=args, train_dataset=dpo_data(), processing_class=tokenizer())
+    if peft_config is not None:
+        common["peft_config"] = peft_config
+    if kind == "trl":
+        return trl.DPOTrainer(callbacks=list(callbacks), **common)
+    if kind == "callback":
+        return trl.DPOTrainer(callbacks=[*callbacks, EMACallback(ema_args)], **common)
+    return EMADPOTrainer(callbacks=list(callbacks), ema_args=ema_args, **common)

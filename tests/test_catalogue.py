@@ -10,12 +10,12 @@ import shutil
 import pytest
 import torch
 from conftest import RegressionDataset, TinyConfig, TinyModel, make_args
-from helpers import build, fake_zero3, search_trainer, stand_in_search, tiny_llama
+from helpers import build, dpo_trainer, fake_zero3, search_trainer, stand_in_search, tiny_llama
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
-from hf_ema import EMAArguments, EMACallback, EMAStateError, EMATrainer, compute_ema
+from hf_ema import EMA, EMAArguments, EMACallback, EMAStateError, EMATrainer, compute_ema
 
 SIDECAR = "ema_state.safetensors"
 
@@ -316,6 +316,39 @@ def zero3_copy(tmp_path):
     callback.ema_model()
 
 
+TR_DPO = dict(smoothing=0.4, update_interval="2ba", ema_reference="0.4")
+
+
+def dpo_case(**overrides):
+    return lambda tmp_path: dpo_trainer(tmp_path, EMAArguments(**TR_DPO), **overrides)
+
+
+def reference_with_peft(tmp_path):
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    dpo_trainer(tmp_path, EMAArguments(**TR_DPO), ref_model=None, peft_config=lora)
+
+
+def reference_on_a_trainer_without_one(tmp_path):
+    build(tmp_path, EMAArguments(**TR_DPO))
+
+
+def reference_unlike_the_policy(tmp_path):
+    dpo_trainer(tmp_path, EMAArguments(**TR_DPO), ref_model=tiny_llama(layers=1))
+
+
+def reference_starting_elsewhere(tmp_path):
+    other = tiny_llama()
+    with torch.no_grad():
+        other.lm_head.weight.mul_(2.0)
+    dpo_trainer(tmp_path, EMAArguments(**TR_DPO), ref_model=other).train()
+
+
+def reference_in_a_hand_loop(tmp_path):
+    EMA(TinyModel(TinyConfig()), EMAArguments(**TR_DPO))
+
+
 CATALOGUE = [
     # arguments: fail at EMAArguments(...)
     ("half_life without unit", args_case(half_life="1000"), ValueError, ["`half_life`", "'1000'", "1000ba"]),
@@ -364,6 +397,12 @@ CATALOGUE = [
         ValueError,
         ["`ema_snapshot_every`", "`bema`"],
     ),
+    (
+        "ema_reference not an average",
+        args_case(smoothing=0.4, ema_reference="0.6"),
+        ValueError,
+        ["`ema_reference`", "['0.4']", "'0.6'", "ema_reference='0.4'"],
+    ),
     ("callback given a string", callback_with_string, TypeError, ["EMAArguments"]),
     ("trainer given settings twice", trainer_with_both, ValueError, ["`ema_args`", "EMACallback"]),
     (
@@ -375,6 +414,40 @@ CATALOGUE = [
     ("compute_ema mismatched models", compute_ema_mismatch, KeyError, ["no tensor named", "deepcopy"]),
     ("two EMACallbacks on one Trainer", two_callbacks, ValueError, ["already has an EMACallback", "half_life=["]),
     ("EMATrainer given an EMACallback", trainer_plus_callback, ValueError, ["already keeps an EMA", "half_life=["]),
+    # the EMA as DPO's reference model: fail when the trainer is built (the last one at train())
+    (
+        "ema_reference on a stock DPOTrainer's callback",
+        dpo_case(kind="callback"),
+        ValueError,
+        ["ema_reference='0.4'", "EMAMixin", "ref_model", "EMADPOTrainer"],
+    ),
+    ("ema_reference with TRL's sync_ref_model", dpo_case(sync_ref_model=True), ValueError, ["sync_ref_model=False"]),
+    (
+        "ema_reference with precompute_ref_log_probs",
+        dpo_case(ref_model=None, precompute_ref_log_probs=True),
+        ValueError,
+        ["needs a reference model", "precompute_ref_log_probs=False"],
+    ),
+    (
+        "ema_reference with a PEFT policy (its reference is the disabled adapter)",
+        reference_with_peft,
+        ValueError,
+        ["keeps no reference model", "PEFT", "copy.deepcopy(model)"],
+    ),
+    ("ema_reference without a DPO trainer", reference_on_a_trainer_without_one, ValueError, ["no reference model"]),
+    (
+        "ema_reference with a reference of another architecture",
+        reference_unlike_the_policy,
+        ValueError,
+        ["lacks tensors the policy averages", "model.layers.1.", "copy.deepcopy(model)"],
+    ),
+    (
+        "ema_reference with a reference unlike the policy",
+        reference_starting_elsewhere,
+        ValueError,
+        ["differs from the policy ('lm_head.weight'", "copy.deepcopy(model)", "fixed reference"],
+    ),
+    ("ema_reference in a hand-written loop", reference_in_a_hand_loop, ValueError, ["ema.ema_weights('0.4')"]),
     # train-time settings: fail in on_train_begin, before the first optimizer step
     ("tok unit without counting", tokens_without_counting, ValueError, ["'tok'", "include_num_input_tokens_seen"]),
     ("ep unit on an IterableDataset", epochs_without_length, ValueError, ["'ep' unit", "'ba'"]),
