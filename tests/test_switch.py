@@ -224,6 +224,27 @@ def test_hand_loop_ema_switches(tmp_path):
     assert again.num_switches == 4 and again._averager.schedule.last_switch_clock == Clock(ba=16.0)
 
 
+def test_switch_after_an_overlapped_update_equals_the_direct_one():
+    # The host-offload path averages on a background thread; the switch reads the average after waiting for it.
+    from hf_ema.store import EMAStore
+
+    models = [TinyModel(TinyConfig(with_norm=True)) for _ in range(2)]
+    stores = [EMAStore(models[0]), EMAStore(models[1], asynchronous=True)]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        noise = {n: torch.randn(p.shape, generator=generator) for n, p in models[0].named_parameters()}
+        for model, store in zip(models, stores, strict=True):
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    param.add_(noise[name])
+            store.update_(model, 0.5)
+            store.copy_ema_to(model, model)
+    stores[1].close()
+    for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert not torch.equal(models[0].linear.weight, TinyModel(TinyConfig()).linear.weight)
+
+
 # ---- resume ----
 
 
