@@ -311,6 +311,20 @@ def test_refusals_before_any_step(tmp_path):
     assert_close(state_of(model), initial, rtol=0, atol=0)
 
 
+def test_command_line_and_units():
+    from transformers import HfArgumentParser, TrainingArguments
+
+    parser = HfArgumentParser((TrainingArguments, EMAArguments))
+    _, parsed = parser.parse_args_into_dataclasses(["--output_dir", "x", "--ema_switch_every", "2ep"])
+    assert parsed.ema_switch_every == "2ep" and parsed.switch_every_time == Time(2, "ep")
+    assert parsed.units() == {"ba", "ep"}  # the 'ep' unit is checked at train begin like the others
+    assert EMAArguments().ema_switch_every is None and EMAArguments().switch_every_time is None
+    with pytest.raises(ValueError, match="`ema_switch_every`"):
+        EMAArguments(ema_switch_every="4")
+    with pytest.raises(ValueError, match="'dur'"):
+        EMA(TinyModel(TinyConfig()), EMAArguments(ema_switch_every="0.5dur"))  # needs max_steps
+
+
 def test_no_switch_by_default(tmp_path):
     trainer, recorder, callback, pre = run(tmp_path, EMAArguments(smoothing=0.5), max_steps=8)
     assert callback.num_switches == 0
