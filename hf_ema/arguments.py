@@ -138,6 +138,13 @@ class EMAArguments:
             evaluation, checkpoints' model files, `save_model` and `push_to_hub` use the first other average, or the
             training weights when it is the only one. It is kept in the EMA state, so resume is exact
             (docs/usage.md, "The EMA as DPO's reference model").
+        ema_switch_every (`str`, *optional*):
+            Switch-EMA (Li et al., arXiv 2402.09240; Hare & Tortoise, arXiv 2406.02596): every so often (e.g.
+            `"1ep"`, `"500ba"`), right after an update, copy the primary average into the training weights, which
+            training continues from. The optimizer and its state (momentum, Adam moments, step counts) are kept. It is
+            counted from `ema_start`, and a switch comes with the first update at or after the time since the start
+            or the last switch reaches it (docs/usage.md, "Switch-EMA"). Refused with `ema_schedule="composer"`, a
+            `ba` value that is not a multiple of a `ba` `update_interval`, DeepSpeed and sharded averages.
 
     Example:
 
@@ -302,6 +309,13 @@ class EMAArguments:
         default="float32",
         metadata={"help": "Dtype of the snapshots: 'float32', or 'bfloat16' to halve their disk space."},
     )
+    ema_switch_every: str | None = field(
+        default=None,
+        metadata={
+            "help": "Switch-EMA: at this interval ('1ep', '500ba'), counted from ema_start, copy the primary average "
+            "into the training weights right after an update; the optimizer state is kept. Off by default."
+        },
+    )
 
     def __post_init__(self) -> None:
         # Normalise: one value stays a scalar (as before several averages existed, so settings and checkpoints of a
@@ -378,6 +392,7 @@ class EMAArguments:
                 raise TypeError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
         _check_bema(self)
         _check_snapshots(self)
+        _check_switch(self)
         self._check_reference()
 
     def _check_reference(self) -> None:
@@ -393,6 +408,13 @@ class EMAArguments:
                 "ema_reference='0.4' (TR-DPO with ref_model_mixup_alpha=0.6, ref_model_sync_steps=512)."
             )
         self.ema_reference = self.ema_reference.strip()
+        if self.ema_switch_every is not None and not self.placed_labels:
+            raise ValueError(
+                f"`ema_switch_every` ({self.ema_switch_every!r}) would copy the DPO reference's average "
+                f"(ema_reference={self.ema_reference!r}, the only average) into the policy: a switch copies the "
+                "average evaluation uses, and there is none besides the reference. Add an average to switch to (e.g. "
+                f"smoothing=[{self.ema_reference}, 0.99]), or drop ema_switch_every."
+            )
 
     def _check_composer(self) -> None:
         """What Composer's EMA accepts: an interval in 'ba' or 'ep', a half-life in the interval's unit (or a fixed
@@ -499,6 +521,11 @@ class EMAArguments:
     def ema_start_time(self) -> Time:
         return parse_time(self.ema_start, "ema_start", allow_zero=True)
 
+    @property
+    def switch_every_time(self) -> Time | None:
+        """`ema_switch_every` parsed, or None without Switch-EMA."""
+        return parse_time(self.ema_switch_every, "ema_switch_every") if self.ema_switch_every is not None else None
+
     def units(self) -> set[str]:
         """Every time unit these settings need the Trainer to count (a zero start needs none)."""
         times = list(self._parsed_values()) if self.half_life is not None else []
@@ -506,6 +533,8 @@ class EMAArguments:
         start = self.ema_start_time
         if start.value > 0:
             times.append(start)
+        if self.ema_switch_every is not None:
+            times.append(self.switch_every_time)
         if self.ema_warmup_power is not None or self.sigma_rel is not None or self.bema:
             times.append(Time(1.0, "ba"))
         return {t.unit for t in times}
@@ -583,6 +612,28 @@ def _check_snapshots(args: EMAArguments) -> None:
             f"`ema_snapshot_every` ({args.ema_snapshot_every!r}) needs power-function averages: post-hoc synthesis "
             f"combines snapshots of EDM2 power-function averages (`sigma_rel`), and these settings keep `{kind}` "
             "averages. Set sigma_rel=[0.05, 0.10] (EDM2's choice) instead, or drop ema_snapshot_every."
+        )
+
+
+def _check_switch(args: EMAArguments) -> None:
+    """Validates Switch-EMA (`ema_switch_every`): a time string, on the hf-ema schedule, landing on updates."""
+    every = args.switch_every_time
+    if every is None:
+        return
+    if args.ema_schedule == "composer":
+        raise ValueError(
+            f"`ema_switch_every` ({args.ema_switch_every!r}) needs ema_schedule='hf-ema': Switch-EMA is not part of "
+            "Composer's EMA, whose update times ema_schedule='composer' reproduces. Use ema_schedule='hf-ema', or "
+            "drop ema_switch_every."
+        )
+    interval = args.update_interval_time
+    if every.unit == "ba" and interval.unit == "ba" and int(every.value) % int(interval.value) != 0:
+        multiple = max(1, round(every.value / interval.value)) * int(interval.value)
+        raise ValueError(
+            f"`ema_switch_every` ({args.ema_switch_every!r}) must be a multiple of `update_interval` "
+            f"({str(interval)!r}) when both are in 'ba': a switch happens right after an update, so one due between "
+            f"two updates would wait for the next, and the switches would drift off every {every}. Use e.g. "
+            f"ema_switch_every='{multiple}ba'."
         )
 
 

@@ -85,6 +85,11 @@ class Averager:
     def num_updates(self) -> int:
         return self.schedule.num_updates
 
+    @property
+    def num_switches(self) -> int:
+        """Switch-EMA: how often the primary average was copied into the training weights (`ema_switch_every`)."""
+        return self.schedule.num_switches
+
     def check_label(self, label: str | None) -> str:
         if label is None:
             return self.primary_label
@@ -104,6 +109,7 @@ class Averager:
             ema_start=a.ema_start_time,
             rules=a.rules(),
             composer=a.ema_schedule == "composer",
+            switch_every=a.switch_every_time,
         )
 
     def _new_store(self) -> EMAStore:
@@ -176,6 +182,22 @@ class Averager:
             self._log_start(step)
         elif action is not None:
             self.store.update_(self.model, action.smoothings)
+            if action.switch:
+                self._switch(step)
+
+    def _switch(self, step: int) -> None:
+        """Switch-EMA: copies the primary average (as it reads: BEMA's readout) into the training weights. The
+        optimizer is not touched: its state (momentum, moments, step counts) continues."""
+        label = self.ema_args.placed_labels[0]  # the primary, or the first other than a DPO reference's
+        self.store.copy_ema_to(self.model, self.model, label)  # BEMA: each readout is a new tensor, then copied
+        if self.log:
+            logger.info(
+                "Step %d: switch %d, the EMA average %r copied into the training weights (ema_switch_every=%s).",
+                step,
+                self.schedule.num_switches,
+                label,
+                self.ema_args.ema_switch_every,
+            )
 
     def fence(self) -> None:
         """Call before the optimizer writes the weights: an offloaded update's copies must be out first."""

@@ -147,6 +147,11 @@ class EMACallback(TrainerCallback):
     def num_updates(self) -> int:
         return self.averager.num_updates
 
+    @property
+    def num_switches(self) -> int:
+        """Switch-EMA: how often the primary average was copied into the training weights (`ema_switch_every`)."""
+        return self.averager.num_switches
+
     def ema_weights(self, model: nn.Module | None = None, label: str | None = None):
         """Context manager: the block runs with an average (the primary by default) in the model, placed in place (no
         copy where dtypes match).
@@ -229,6 +234,7 @@ class EMACallback(TrainerCallback):
         trial_dir = self.trial_output_dir if state.is_hyper_param_search else None
         self.output_dir = os.fspath(trial_dir or args.output_dir)
         averager.reset(model, sharded=guards.backend_layout(args, model, self.trainer is not None) == "sharded")
+        guards.refuse_switch_where_wrong(averager, guards.deepspeed_config(args))
         averager.log = args.should_log
         self._sidecar_step, self.training = None, True
         guards.tell_what_a_stock_trainer_skips(averager, args, self.trainer is not None)

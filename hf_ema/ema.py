@@ -19,6 +19,7 @@ from .arguments import EMAArguments
 from .averager import Averager
 from .distributed import check_backend
 from .files import atomic_file
+from .guards import refuse_switch_where_wrong
 from .placement import TRAINING
 from .time import Clock
 
@@ -61,6 +62,12 @@ class EMA:
     Works on the model `accelerator.prepare` returns: one device, DDP (every rank keeps the same averages) and FSDP2
     (each rank averages its shards, no communication per update). `EMAArguments` fields that only a Trainer acts on
     (`ema_eval_*`, `ema_save_all_averages`, `ema_checkpoint_weights`, `ema_resume_without_state`) have no effect here.
+
+    Switch-EMA (`ema_switch_every`) works here too: `step()` copies the primary average into the model's parameters
+    when a switch is due. It reaches only those: an optimizer that keeps its own master copy of the weights (DeepSpeed
+    at any ZeRO stage, fp32 master weights of mixed-precision optimizers, schedule-free optimizers' `z` sequence)
+    overwrites or ignores it, which `EMA` cannot see. Use the switch with optimizers that step the parameters
+    themselves (SGD, Adam, AdamW).
 
     Args:
         model (`nn.Module`): the model being trained (wrapped or not).
@@ -145,6 +152,7 @@ class EMA:
         self.model = _unwrap(model)
         self._averager = Averager(ema_args, owner="ema")
         self._averager.reset(self.model, sharded=check_backend(self.model) == "sharded")
+        refuse_switch_where_wrong(self._averager, None)  # a hand loop's DeepSpeed is not seen: see the docstring
         self._averager.log = _is_main()
         self._steps, self._samples, self._tokens, self._epoch = 0, 0.0, 0.0, None
         self._units = units
@@ -163,6 +171,11 @@ class EMA:
     def num_updates(self) -> int:
         """Updates of the averages so far."""
         return self._averager.num_updates
+
+    @property
+    def num_switches(self) -> int:
+        """Switch-EMA: how often the primary average was copied into the training weights (`ema_switch_every`)."""
+        return self._averager.num_switches
 
     @property
     def started(self) -> bool:

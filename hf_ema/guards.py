@@ -78,6 +78,27 @@ def backend_layout(args: TrainingArguments, model: nn.Module, bound: bool) -> st
     return layout
 
 
+def refuse_switch_where_wrong(averager: Averager, deepspeed: dict | None) -> None:
+    """Refuses Switch-EMA (`ema_switch_every`) where copying the average into the model's parameters would be silently
+    wrong or is untested: under DeepSpeed (`deepspeed`, its config), and for sharded averages (FSDP2, ZeRO-3)."""
+    every = averager.ema_args.ema_switch_every
+    if every is None:
+        return
+    if deepspeed is not None:
+        raise ValueError(
+            f"`ema_switch_every` ({every!r}) cannot be used with DeepSpeed (any ZeRO stage): its optimizer keeps its "
+            "own fp32 master copy of the weights and writes it back into the model's parameters at the next step, so "
+            "the average copied into them would be overwritten. Drop ema_switch_every, or train without DeepSpeed "
+            "(one device or DDP)."
+        )
+    if averager.sharded:
+        raise ValueError(
+            f"`ema_switch_every` ({every!r}) is not supported with sharded averages (FSDP2, DeepSpeed ZeRO-3): "
+            "copying sharded averages into sharded parameters is untested, so hf-ema refuses it rather than risk a "
+            "silently wrong switch. Drop ema_switch_every, or train with replicated parameters (one device, DDP)."
+        )
+
+
 def check_units(averager: Averager, args: TrainingArguments, state: TrainerState) -> None:
     units = averager.ema_args.units()
     if "tok" in units and args.include_num_input_tokens_seen in (False, "no", None):

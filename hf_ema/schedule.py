@@ -26,9 +26,11 @@ START = Start()
 
 @dataclass(frozen=True)
 class Update:
-    """The answer of `EMASchedule.step` when every average moves towards the weights, each with its smoothing."""
+    """The answer of `EMASchedule.step` when every average moves towards the weights, each with its smoothing; with
+    `switch`, the primary average is then copied into the training weights (Switch-EMA, `switch_every`)."""
 
     smoothings: dict[str, float]
+    switch: bool = False
 
 
 Action = Start | Update | None
@@ -42,6 +44,9 @@ class EMASchedule:
         update_interval (`Time`): how much the clock must advance between updates.
         ema_start (`Time`): when averaging begins; a zero start begins at train begin.
         rules (`Mapping[str, Rule]`): the rule of each average, by label, primary first.
+        switch_every (`Time`, *optional*): Switch-EMA: how much the clock must advance, counted from the start or the
+            last switch, before an update also copies the primary average into the training weights (the first update
+            at or after that time does). None: never.
     """
 
     update_interval: Time
@@ -53,6 +58,9 @@ class EMASchedule:
     last_clock: Clock | None = None
     last_step: int = -1
     num_updates: int = 0
+    switch_every: Time | None = None
+    last_switch_clock: Clock | None = None
+    num_switches: int = 0
 
     def __post_init__(self) -> None:
         if not self.rules:
@@ -108,6 +116,11 @@ class EMASchedule:
         update = self._update(Counters(now=clock, previous=self.last_clock, start=self.start_clock))
         self.last_clock, self.last_step = clock, step
         self.num_updates += 1
+        every = self.switch_every
+        if every is not None and reached(clock[every.unit] - self.last_switch_clock[every.unit], every.value):
+            self.last_switch_clock = clock
+            self.num_switches += 1
+            update = Update(update.smoothings, switch=True)
         return update
 
     def _update(self, counters: Counters) -> Update:
@@ -116,6 +129,7 @@ class EMASchedule:
     def start(self, clock: Clock, step: int) -> None:
         """Marks the averages as started now (they are set to the current weights by the caller)."""
         self.started, self.start_clock, self.last_clock, self.last_step = True, clock, clock, step
+        self.last_switch_clock = clock  # switches are counted from the start
 
     def state_dict(self) -> dict:
         return {
@@ -124,15 +138,21 @@ class EMASchedule:
             "last_clock": self.last_clock.to_dict() if self.last_clock is not None else None,
             "last_step": self.last_step,
             "num_updates": self.num_updates,
+            "last_switch_clock": self.last_switch_clock.to_dict() if self.last_switch_clock is not None else None,
+            "num_switches": self.num_switches,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restores the counters. Format-1 checkpoints did not record `start_clock`; rules that need it then fail."""
+        """Restores the counters. Format-1 checkpoints did not record `start_clock`; rules that need it then fail.
+        States written before Switch-EMA (no `last_switch_clock`) count switches from the start, none made yet."""
         self.started = bool(state["started"])
         self.last_clock = Clock.from_dict(state["last_clock"]) if state["last_clock"] is not None else None
         self.start_clock = Clock.from_dict(state["start_clock"]) if state.get("start_clock") is not None else None
         self.last_step = int(state["last_step"])
         self.num_updates = int(state["num_updates"])
+        switched = state.get("last_switch_clock")
+        self.last_switch_clock = Clock.from_dict(switched) if switched is not None else None
+        self.num_switches = int(state.get("num_switches", 0))
         if self.started and self.start_clock is None:
             if any(rule.needs_start for rule in self.rules.values()):
                 raise ValueError(
@@ -140,3 +160,5 @@ class EMASchedule:
                     "power-function rules need"
                 )
             self.start_clock = self.last_clock  # unused by the half-life and fixed rules
+        if self.started and self.last_switch_clock is None:
+            self.last_switch_clock = self.start_clock

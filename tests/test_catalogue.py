@@ -249,7 +249,7 @@ def compute_ema_mismatch(tmp_path):
     compute_ema(TinyModel(TinyConfig()), torch.nn.Linear(3, 1), 0.9)
 
 
-def train_begin(tmp_path, model, deepspeed_config=None, trainer_managed=False):
+def train_begin(tmp_path, model, deepspeed_config=None, trainer_managed=False, ema_args=None):
     """Runs EMACallback.on_train_begin as the Trainer would, with `args.hf_deepspeed_config` when given."""
     from types import SimpleNamespace
 
@@ -258,7 +258,7 @@ def train_begin(tmp_path, model, deepspeed_config=None, trainer_managed=False):
     args = make_args(tmp_path)
     if deepspeed_config is not None:
         args.hf_deepspeed_config = SimpleNamespace(config=deepspeed_config)
-    callback = EMACallback(EMAArguments(half_life="4ba"))
+    callback = EMACallback(ema_args or EMAArguments(half_life="4ba"))
     if trainer_managed:
         callback.bind(object())
     callback.on_train_begin(args, TrainerState(), TrainerControl(), model=model)
@@ -288,6 +288,15 @@ def zero3_nvme(tmp_path):
     for param in model.parameters():
         param.ds_tensor.final_location = "OffloadDeviceEnum.nvme"
     train_begin(tmp_path, model, {"zero_optimization": {"stage": 3}}, True)
+
+
+def switch_under_deepspeed(tmp_path):
+    config = {"zero_optimization": {"stage": 2}}
+    train_begin(tmp_path, TinyModel(TinyConfig()), config, ema_args=EMAArguments(ema_switch_every="4ba"))
+
+
+def switch_of_sharded_averages(tmp_path):
+    train_begin(tmp_path, fake_zero3(TinyModel(TinyConfig())), None, True, EMAArguments(ema_switch_every="4ba"))
 
 
 def sharded_state_missing_shard(tmp_path):
@@ -403,6 +412,24 @@ CATALOGUE = [
         ValueError,
         ["`ema_reference`", "['0.4']", "'0.6'", "ema_reference='0.4'"],
     ),
+    (
+        "Switch-EMA on the Composer schedule",
+        args_case(half_life="4ba", ema_schedule="composer", ema_switch_every="4ba"),
+        ValueError,
+        ["`ema_switch_every`", "ema_schedule='hf-ema'"],
+    ),
+    (
+        "Switch-EMA between updates",
+        args_case(half_life="4ba", update_interval="3ba", ema_switch_every="5ba"),
+        ValueError,
+        ["`ema_switch_every`", "multiple of `update_interval`", "ema_switch_every='6ba'"],
+    ),
+    (
+        "Switch-EMA to the DPO reference's average",
+        args_case(smoothing=0.4, ema_reference="0.4", ema_switch_every="4ba"),
+        ValueError,
+        ["`ema_switch_every`", "only average", "smoothing=[0.4, 0.99]"],
+    ),
     ("callback given a string", callback_with_string, TypeError, ["EMAArguments"]),
     ("trainer given settings twice", trainer_with_both, ValueError, ["`ema_args`", "EMACallback"]),
     (
@@ -497,6 +524,18 @@ CATALOGUE = [
     ),
     ("ZeRO++ hierarchical partitioning", zero3_hierarchical, ValueError, ["zero_hpz_partition_size"]),
     ("ZeRO-3 parameters offloaded to NVMe", zero3_nvme, ValueError, ["NVMe", "'cpu'"]),
+    (
+        "Switch-EMA under DeepSpeed",
+        switch_under_deepspeed,
+        ValueError,
+        ["`ema_switch_every`", "DeepSpeed", "master copy", "Drop ema_switch_every"],
+    ),
+    (
+        "Switch-EMA of sharded averages",
+        switch_of_sharded_averages,
+        ValueError,
+        ["`ema_switch_every`", "sharded averages", "untested", "one device, DDP"],
+    ),
     ("ema_model() of a ZeRO-3 model", zero3_copy, RuntimeError, ["ZeRO-3", "ema_weights()", "save_model()"]),
     # model changes after the average exists
     (

@@ -155,3 +155,14 @@ def test_a_reference_model_that_differs_from_the_policy_is_refused_at_train(tmp_
 def test_the_hand_loop_ema_refuses_a_reference():
     with pytest.raises(ValueError, match="no reference model to write"):
         EMA(torch.nn.Linear(2, 2), TR_DPO)
+
+
+def test_a_switch_copies_the_policys_average_not_the_references(tmp_path):
+    ema_args = EMAArguments(smoothing=[0.4, 0.5], update_interval="2ba", ema_reference="0.4", ema_switch_every="4ba")
+    trainer, recorder, references = run(tmp_path, ema_args)
+    trainer.train()
+    assert trainer.ema_callback.num_switches == STEPS // 4
+    weights = {k: trained(w) for k, w in recorder.weights.items()}  # before each step's switch
+    policy_average = reference_ema(weights, 0, [(k, 0.5) for k in range(2, STEPS + 1, 2)])
+    assert_close(trained(state_of(trainer.training_model)), policy_average, rtol=1e-6, atol=1e-6)  # switched at 12
+    assert_close(references.weights[STEPS], tr_dpo_reference(weights, STEPS)[STEPS], rtol=1e-6, atol=1e-6)
