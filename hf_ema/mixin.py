@@ -176,7 +176,7 @@ class EMAMixin:
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError(
                 f"{setting} is not supported with DeepSpeed or FSDP (the reference model is sharded or wrapped there, "
-                "untested); train on one device or with DDP, or drop ema_reference."
+                "untested); train without them (one device; DDP is allowed, untested), or drop ema_reference."
             )
         policy = self.accelerator.unwrap_model(self.model)
         reference = self.accelerator.unwrap_model(reference)

@@ -166,3 +166,17 @@ def test_a_switch_copies_the_policys_average_not_the_references(tmp_path):
     policy_average = reference_ema(weights, 0, [(k, 0.5) for k in range(2, STEPS + 1, 2)])
     assert_close(trained(state_of(trainer.training_model)), policy_average, rtol=1e-6, atol=1e-6)  # switched at 12
     assert_close(references.weights[STEPS], tr_dpo_reference(weights, STEPS)[STEPS], rtol=1e-6, atol=1e-6)
+
+
+def test_before_ema_start_the_reference_is_the_one_given(tmp_path):
+    ema_args = EMAArguments(smoothing=0.4, update_interval="2ba", ema_start="4ba", ema_reference="0.4")
+    trainer, recorder, references = run(tmp_path, ema_args)
+    trainer.train()
+    weights = {k: trained(w) for k, w in recorder.weights.items()}
+    for k in range(0, 4):  # steps 1-4 use the ref_model given (a copy of the policy at step 0)
+        assert_close(references.weights[k], weights[0], rtol=0, atol=0)
+    ref = dict(weights[4])  # averaging starts at 4 from the policy then, and updates every 2 steps after
+    for k in range(4, STEPS + 1):
+        if k > 4 and (k - 4) % 2 == 0:
+            ref = {n: 0.4 * ref[n] + 0.6 * weights[k][n] for n in ref}
+        assert_close(references.weights[k], ref, rtol=1e-6, atol=1e-6)
