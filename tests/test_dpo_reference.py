@@ -180,3 +180,13 @@ def test_before_ema_start_the_reference_is_the_one_given(tmp_path):
         if k > 4 and (k - 4) % 2 == 0:
             ref = {n: 0.4 * ref[n] + 0.6 * weights[k][n] for n in ref}
         assert_close(references.weights[k], ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["is_deepspeed_enabled", "is_fsdp_enabled"])
+def test_deepspeed_and_fsdp_references_are_refused(tmp_path, backend):
+    from helpers import dpo_trainer
+
+    trainer = dpo_trainer(tmp_path, TR_DPO)
+    setattr(trainer, backend, True)  # what the Trainer sets under those backends; the check reads these flags
+    with pytest.raises(ValueError, match="not supported with DeepSpeed or FSDP"):
+        trainer._ema_reference_tensors()
