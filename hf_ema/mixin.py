@@ -396,6 +396,11 @@ class EMAMixin:
             others = f" Averages kept during training: {', '.join(f'`{label}`' for label in callback.labels)}."
         if a.ema_reference is not None:
             others += f" The average `{a.ema_reference}` was the DPO reference model."
+        if a.ema_switch_every is not None:
+            others += (
+                f" Switch-EMA: the average `{a.placed_labels[0]}` was copied into the training weights "
+                f"{callback.num_switches} times (every `{a.ema_switch_every}`)."
+            )
         return (
             "\n## Exponential moving average\n\n"
             f"{weights}, kept with [hf-ema](https://pypi.org/project/hf-ema/): update interval "

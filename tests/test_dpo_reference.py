@@ -81,6 +81,8 @@ def test_the_reference_model_holds_the_average_at_every_step(tmp_path):
     assert_close({n: on_disk[n] for n in last if n in on_disk}, {n: last[n] for n in on_disk if n in last}, 0, 0)
     metrics = trainer.evaluate(eval_dataset=trainer.train_dataset)
     assert not any("ema" in key for key in metrics), metrics  # the reference average is not evaluated as a policy
+    card = trainer._ema_model_card_section()  # what push_to_hub appends to the model card
+    assert "These are the **training weights**" in card and "`0.4` was the DPO reference model" in card
 
 
 def test_equals_trl_sync_ref_model_on_the_same_run(tmp_path):

@@ -93,6 +93,8 @@ def test_training_weights_become_the_average_at_each_switch(tmp_path, caplog, ev
     # The last step switched too: the training weights are the average of step 16.
     assert_close(state_of(trainer.training_model), expected[STEPS], **CLOSE)
     assert_close(state_of(trainer.ema_model), expected[STEPS], **CLOSE)
+    card = trainer._ema_model_card_section()  # what push_to_hub appends to the model card
+    assert f"copied into the training weights {len(switches)} times (every `{every}`)" in card
 
 
 def test_half_life_switch_with_an_interval(tmp_path):
