@@ -86,6 +86,9 @@ def make_args(output_dir, args_class=TrainingArguments, **overrides) -> Training
         seed=0,
         data_seed=0,
         dataloader_num_workers=0,
+        # TRL's configs default to bf16=True; on transformers 4.x the mixed precision then stays in accelerate's
+        # shared state and later tests' Trainers evaluate under bf16 autocast. Float32 unless a test asks.
+        bf16=False,
     )
     defaults.update(overrides)
     return args_class(**defaults)
