@@ -188,7 +188,7 @@ class Averager:
     def _switch(self, step: int) -> None:
         """Switch-EMA: copies the primary average (as it reads: BEMA's readout) into the training weights. The
         optimizer is not touched: its state (momentum, moments, step counts) continues."""
-        label = self.ema_args.placed_labels[0]  # the primary, or the first other than a DPO reference's
+        label = self.primary_label  # never a DPO reference's average: that comes last, and alone is refused
         self.store.copy_ema_to(self.model, self.model, label)  # BEMA: each readout is a new tensor, then copied
         if self.log:
             logger.info(

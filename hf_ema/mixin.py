@@ -87,8 +87,9 @@ class EMAMixin:
         self._ema_told_zero3_gather = False
         self._ema_reference_checked = False
         super().__init__(*args, callbacks=callbacks, **kwargs)
+        self._ema_reference: dict[str, Any] | None = None  # the reference model's tensors, with ema_reference
         if callback.ema_args.ema_reference is not None:
-            self._ema_reference_tensors()  # refuses what cannot hold the average, now rather than at train()
+            self._ema_reference = self._ema_reference_tensors()  # refuses now what cannot hold the average
             callback.after_averages_move = self._ema_sync_reference
 
     def add_callback(self, callback: Any) -> None:
@@ -181,33 +182,28 @@ class EMAMixin:
         policy = self.accelerator.unwrap_model(self.model)
         reference = self.accelerator.unwrap_model(reference)
         theirs = dict(reference.named_parameters()) | dict(reference.named_buffers())
-        names = [n for n, t, kind in tracked_tensors(policy, buffers=a.ema_buffers) if kind == "average"]
-        wrong = [
-            n
-            for n, t, kind in tracked_tensors(policy)
-            if n in names and (n not in theirs or theirs[n].shape != t.shape)
-        ]
+        ours = {n: t for n, t, kind in tracked_tensors(policy, buffers=a.ema_buffers) if kind == "average"}
+        wrong = [n for n, t in ours.items() if n not in theirs or theirs[n].shape != t.shape]
         if wrong:
             raise ValueError(
                 f"{setting}: the reference model ({type(reference).__name__}) lacks tensors the policy averages, or "
                 f"holds them in other shapes ({wrong[:3]}{' ...' if len(wrong) > 3 else ''}); the reference must be a "
                 "copy of the policy's architecture. Pass ref_model=copy.deepcopy(model)."
             )
-        return {n: theirs[n] for n in names}
+        return {n: theirs[n] for n in ours}
 
     def _ema_sync_reference(self) -> None:
         """Copies the `ema_reference` average into the reference model (after the averages start, load or update)."""
         callback = self._ema_callback
-        tensors = self._ema_reference_tensors()
-        callback.store.copy_ema_to(self.ref_model, callback.model, self.ema_args.ema_reference, tensors=tensors)
+        reference = self._ema_reference
+        callback.store.copy_ema_to(self.ref_model, callback.model, self.ema_args.ema_reference, tensors=reference)
 
     def _ema_check_reference_starts_as_policy(self) -> None:
         """A fresh run's reference model must equal the policy: the average starts from the policy's weights and
         replaces the reference at the start of averaging."""
-        tensors = self._ema_reference_tensors()
         policy = dict(self.accelerator.unwrap_model(self.model).named_parameters())
         policy |= dict(self.accelerator.unwrap_model(self.model).named_buffers())
-        for name, theirs in tensors.items():
+        for name, theirs in self._ema_reference.items():
             ours = policy[name].detach().to(device=theirs.device, dtype=theirs.dtype)
             if not torch.equal(ours, theirs):
                 difference = float((ours.double() - theirs.detach().double()).abs().max())
@@ -230,8 +226,10 @@ class EMAMixin:
         self._ema_callback.trial_output_dir = self._get_output_dir(trial=trial) if trial is not None else None
         # A second train() continues from the training weights: put them back before any callback looks.
         self._ema_callback.restore_training_weights()
-        if self.ema_args.ema_reference is not None and not self._ema_reference_checked and not path:
-            self._ema_check_reference_starts_as_policy()
+        if self.ema_args.ema_reference is not None:
+            self._ema_reference = self._ema_reference_tensors()  # once per train(): the models may be replaced
+            if not self._ema_reference_checked and not path:
+                self._ema_check_reference_starts_as_policy()
         self._ema_reference_checked = True
         try:
             return super().train(resume_from_checkpoint, trial, *args, **kwargs)
@@ -398,7 +396,7 @@ class EMAMixin:
             others += f" The average `{a.ema_reference}` was the DPO reference model."
         if a.ema_switch_every is not None:
             others += (
-                f" Switch-EMA: the average `{a.placed_labels[0]}` was copied into the training weights "
+                f" Switch-EMA: the average `{a.primary_label}` was copied into the training weights "
                 f"{callback.num_switches} times (every `{a.ema_switch_every}`)."
             )
         return (
