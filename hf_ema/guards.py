@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from .distributed import check_backend
-from .time import Clock, reached
+from .time import Clock, Time, reached
 
 if TYPE_CHECKING:  # annotations only: the Trainer's objects are passed in, and no import cycle
     from transformers import TrainerState, TrainingArguments
@@ -183,23 +183,38 @@ def warn_if_no_update_can_happen(
     samples = steps * per_device * args.gradient_accumulation_steps * max(args.world_size, 1)
     end = {"ba": steps, "sp": samples, "dur": 1.0, "ep": steps / per_epoch if per_epoch else None}
     a, schedule = averager.ema_args, averager.schedule
-    start, interval = a.ema_start_time, a.update_interval_time
+    start, interval, switch = a.ema_start_time, a.update_interval_time, a.switch_every_time
+
+    def first(span: Time, last: Clock | None) -> float | None:
+        """When `span` after `last` (the start if not started yet) falls, in its unit, if that can be known now."""
+        if schedule.started:
+            return last[span.unit] + span.value
+        if start.value == 0:
+            return now[span.unit] + span.value
+        return start.value + span.value if start.unit == span.unit else None
+
     problem = None
     if end.get(start.unit) is not None and not schedule.started and not reached(end[start.unit], start.value):
         problem = f"averaging never starts: ema_start={a.ema_start!r} is not reached by the end of the run"
     elif end.get(interval.unit) is not None:
-        if schedule.started:
-            first = schedule.last_clock[interval.unit] + interval.value
-        elif start.value == 0:
-            first = now[interval.unit] + interval.value
-        elif start.unit == interval.unit:
-            first = start.value + interval.value
-        else:
-            first = None
-        if first is not None and not reached(end[interval.unit], first):
+        due = first(interval, schedule.last_clock)
+        if due is not None and not reached(end[interval.unit], due):
             problem = (
-                f"the first update needs {interval} of training after the start ({first:g}{interval.unit}), but "
+                f"the first update needs {interval} of training after the start ({due:g}{interval.unit}), but "
                 f"the run ends at {end[interval.unit]:g}{interval.unit}"
+            )
+    if problem is None and switch is not None and end.get(switch.unit) is not None:
+        due = first(switch, schedule.last_switch_clock)
+        if due is not None and not reached(end[switch.unit], due):
+            logger.warning(
+                "EMA: no switch happens: the next is due at %g%s (ema_switch_every=%r), but the run ends at %g%s "
+                "(max_steps=%d). Shorten ema_switch_every, or train longer.",
+                due,
+                switch.unit,
+                a.ema_switch_every,
+                end[switch.unit],
+                switch.unit,
+                steps,
             )
     if problem:
         logger.warning(

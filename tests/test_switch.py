@@ -332,3 +332,15 @@ def test_no_switch_by_default(tmp_path):
     assert callback.num_switches == 0
     for step in range(1, 8):
         assert_close(pre.weights[step + 1], recorder.weights[step], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("every, warned", [("20ba", True), ("16ba", False), ("3ep", True)])
+def test_a_switch_the_run_never_reaches_is_told_at_train_begin(tmp_path, caplog, every, warned):
+    with caplog.at_level(logging.WARNING, logger="hf_ema"):
+        _, _, callback, _ = run(tmp_path, EMAArguments(smoothing=0.5, ema_switch_every=every))
+    told = [r.getMessage() for r in caplog.records if "no switch happens" in r.getMessage()]
+    assert len(told) == int(warned), told
+    assert callback.num_switches == int(not warned)  # 16 steps: "16ba" switches once, at the last step
+    if warned:
+        end = "2ep" if every.endswith("ep") else "16ba"
+        assert f"ema_switch_every='{every}'" in told[0] and f"the run ends at {end}" in told[0], told[0]
